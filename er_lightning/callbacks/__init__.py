@@ -1,0 +1,1 @@
+"""er_lightning.callbacks."""

@@ -1,0 +1,91 @@
+"""Which parameters carry a mask, named by fully qualified name (FQN) as ``named_parameters()`` yields them."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+from torch import nn
+
+__all__ = ["default_targets", "select_targets"]
+
+_MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """FQNs of every conv and linear ``weight`` in ``model``, in ``named_parameters()`` order.
+
+    This is the default rule of the library (upstream masks every 2-D/4-D weight: the stem, 1×1 shortcuts and the
+    classifier included). ``isinstance`` is used so parametrized subclasses still count.
+    """
+    owners: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, _MASKABLE):
+            owners.add(id(module))
+    names = []
+    for mod_name, module in model.named_modules():
+        if id(module) not in owners:
+            continue
+        # A parametrized weight lives at ``<mod>.parametrizations.weight.original``; it is still the weight.
+        if "weight" in dict(module.named_parameters(recurse=False)) or hasattr(module, "parametrizations"):
+            names.append(f"{mod_name}.weight" if mod_name else "weight")
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    present = [n for n in names if n in order]
+    return sorted(present, key=order.__getitem__)
+
+
+def select_targets(
+    model: nn.Module,
+    candidates: Sequence[str] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    dense_first_layer: bool = False,
+    dense_last_layer: bool = False,
+) -> list[str]:
+    """Choose the parameters to mask.
+
+    Args:
+        model: the module whose ``named_parameters()`` give the names.
+        candidates: the starting set; defaults to :func:`default_targets`.
+        include: glob patterns (``fnmatch``) over parameter names; when given, these replace ``candidates``
+            (any parameter may be named, e.g. a bias).
+        exclude: glob patterns removed from the set.
+        dense_first_layer: leave the first selected layer dense (not masked).
+        dense_last_layer: leave the last selected layer dense.
+
+    Returns:
+        FQNs in ``named_parameters()`` order.
+
+    Raises:
+        ValueError: a pattern matches no parameter (the message lists the names that exist), or nothing is left.
+    """
+    all_names = [n for n, _ in model.named_parameters()]
+    base = list(candidates) if candidates is not None else default_targets(model)
+    if include:
+        chosen: list[str] = []
+        for pattern in include:
+            hits = [n for n in all_names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise ValueError(
+                    f"include pattern {pattern!r} matches no parameter; the model's parameters are: {all_names}"
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+        base = [n for n in all_names if n in chosen]
+    for pattern in exclude or ():
+        hits = [n for n in base if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches none of the masked parameters {base}; "
+                f"the model's parameters are: {all_names}"
+            )
+        base = [n for n in base if n not in hits]
+    if dense_first_layer and base:
+        base = base[1:]
+    if dense_last_layer and base:
+        base = base[:-1]
+    if not base:
+        raise ValueError(
+            "no parameter is left to mask; the model has no conv/linear weights or include/exclude/"
+            f"dense_first_layer/dense_last_layer removed them all. Parameters: {all_names}"
+        )
+    return base
