@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Sequence
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["default_targets", "select_targets"]
 
@@ -26,9 +27,12 @@ def default_targets(model: nn.Module) -> list[str]:
     for mod_name, module in model.named_modules():
         if id(module) not in owners:
             continue
-        # A parametrized weight lives at ``<mod>.parametrizations.weight.original``; it is still the weight.
-        if "weight" in dict(module.named_parameters(recurse=False)) or hasattr(module, "parametrizations"):
-            names.append(f"{mod_name}.weight" if mod_name else "weight")
+        prefix = f"{mod_name}." if mod_name else ""
+        # A parametrized weight is stored at ``<mod>.parametrizations.weight.original``; it is still the weight.
+        if parametrize.is_parametrized(module, "weight"):
+            names.append(f"{prefix}parametrizations.weight.original")
+        elif isinstance(getattr(module, "weight", None), nn.Parameter):
+            names.append(f"{prefix}weight")
     order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     present = [n for n in names if n in order]
     return sorted(present, key=order.__getitem__)

@@ -1,0 +1,479 @@
+"""The shared engine of every hard-mask callback: draw ER masks, apply them in place, keep them safe.
+
+:class:`SparsityCallback` does everything a fixed or dynamic sparse method needs around the mask itself:
+
+* ``setup`` (before DDP wraps the model and before ``configure_optimizers``): choose the masked parameters, resolve
+  per-layer densities, draw seeded random masks, optionally initialise weights / repair flow / repair orthogonality,
+  zero the masked weights in place and broadcast the masks from rank 0.
+* ``on_fit_start``: move masks next to their parameters.
+* ``on_before_optimizer_step`` (after backward, DDP all-reduce and AMP unscaling, before clipping and the step):
+  give subclasses their topology hook (:meth:`SparsityCallback.update_masks`), then zero masked gradients in one
+  fused op. With masked gradients, weights and optimizer moments that start at zero stay zero under SGD, Adam,
+  AdamW and most optimizers (tested per optimizer); ``rezero_every_step=True`` re-zeroes weights and state after
+  each step for optimizers that break this.
+* ``state_dict``/``load_state_dict``: masks, densities, seed and the mask-defining config; a checkpoint without
+  our entry, or with a different config, raises instead of silently drawing new masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor
+from typing_extensions import override
+
+from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
+from er_lightning.masking.masked import MaskedParams
+from er_lightning.masking.targets import default_targets, select_targets
+from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
+from er_lightning.sparsity.flow import preserve_flow_
+from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_repair_
+from er_lightning.sparsity.sampling import layer_generator, sample_masks
+
+__all__ = ["SparsityCallback", "DISTRIBUTION_ALIASES", "resolve_distribution", "INIT_METHODS"]
+
+log = logging.getLogger(__name__)
+
+#: Upstream ``--sparse-init`` / ``er_sparse_method`` names accepted as aliases of our density rules.
+#: ``ER_same_params`` is how the seed README labels the balanced rule ("Uniform (ER_same_params)" there is
+#: ambiguous: the code path behind it is the same-parameters-per-layer rule, so we map it to ``balanced``).
+DISTRIBUTION_ALIASES: dict[str, str] = {
+    "ERK": "erk",
+    "ER": "er",
+    "ER_same_params": "balanced",
+    "ER_same_params_per_layer": "balanced",
+    "same_params": "balanced",
+    "pyramid": "pyramidal",
+    "pyramid_sparsity": "pyramidal",
+    "ER_init": "uniform",
+}
+
+INIT_METHODS = ("default", "he_sparse", "looks_linear")
+
+# Offsets of the seed for init and flow repair, so that they never share a random stream with mask sampling
+# (which uses the plain seed, at step 0 for the initial draw and at the update step for DST growth).
+_INIT_STREAM = 0x9E3779B97F4A7C15
+_FLOW_STREAM = 0xC2B2AE3D27D4EB4F
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    return (seed + stream) % (1 << 64)
+
+
+def resolve_distribution(name: str, extra: Sequence[str] = ()) -> str:
+    """Map an upstream alias to our name and check it is known.
+
+    Args:
+        name: a density rule (``uniform``, ``er``, ``erk``, ``balanced``, ``pyramidal``, ``custom``), an upstream
+            alias from :data:`DISTRIBUTION_ALIASES`, or one of ``extra``.
+        extra: further names a subclass accepts (e.g. score-derived distributions).
+
+    Raises:
+        ValueError: unknown name; the message lists every valid one.
+    """
+    resolved = DISTRIBUTION_ALIASES.get(name, name)
+    valid = (*DENSITY_METHODS, *extra)
+    if resolved not in valid:
+        raise ValueError(
+            f"unknown distribution {name!r}; valid: {sorted(valid)} or upstream aliases {sorted(DISTRIBUTION_ALIASES)}"
+        )
+    return resolved
+
+
+def _check_density(value: float, what: str = "density") -> float:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 < value <= 1
+    ):
+        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+class SparsityCallback(Callback):
+    """Base class: draws random ER masks at ``setup`` and applies them in place during training.
+
+    Subclasses change behaviour through hooks, not by rewriting the loop: :meth:`compute_masks` (how the initial
+    masks are chosen) and :meth:`update_masks` (topology changes during training).
+
+    Args:
+        density: overall fraction of weights kept over the masked parameters, in (0, 1].
+        distribution: layer-wise density rule (see :func:`er_lightning.sparsity.layer_densities`) or an upstream
+            alias (:data:`DISTRIBUTION_ALIASES`).
+        sampling: ``"exact"`` keeps exactly ``round(d_l · n_l)`` entries per layer; ``"bernoulli"`` draws every
+            entry independently (upstream).
+        seed: seeds every random mask (with the layer index); independent of the global RNG.
+        include: glob patterns of parameter names to mask instead of the default (conv and linear weights).
+        exclude: glob patterns of parameter names to leave dense.
+        dense_first_layer: leave the first masked layer dense.
+        dense_last_layer: leave the last masked layer dense (usually the classifier).
+        redistribute: make layers that would exceed density 1 dense and spread the surplus (exact overall
+            density); ``False`` reproduces upstream's clamped ERK (STR) and capped balanced rules.
+        power_scale: exponent of the ERK score.
+        custom_densities: per-layer densities for ``distribution="custom"`` (FQN → density).
+        init: ``"default"`` keeps the model's init; ``"he_sparse"`` draws N(0, √(2/(fan_in·d_l))); ``"looks_linear"``
+            is the looks-linear orthogonal init scaled by 1/√d_l.
+        flow_preservation: after drawing, connect every output and input unit that has no connection.
+        ortho_repair: optimise ‖(M⊙W)(M⊙W)ᵀ − I‖_F per layer after drawing (``ortho_steps`` SGD steps at
+            ``ortho_lr``).
+        rezero_every_step: also re-zero weights and optimizer state after every step (for optimizers for which
+            masked gradients do not keep zeros at zero).
+        verify_masks: all-gather mask checksums after every mask change and raise if ranks disagree (debugging).
+        log_layer_densities: also log one TensorBoard scalar per layer (``sparsity/density/<fqn>``).
+    """
+
+    #: Bumped when the layout of :meth:`state_dict` changes.
+    FORMAT_VERSION = 1
+    #: Distribution names accepted beyond the density rules (subclasses extend).
+    EXTRA_DISTRIBUTIONS: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        density: float = 0.1,
+        distribution: str = "erk",
+        sampling: Literal["exact", "bernoulli"] = "exact",
+        seed: int = 0,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        dense_first_layer: bool = False,
+        dense_last_layer: bool = False,
+        redistribute: bool = True,
+        power_scale: float = 1.0,
+        custom_densities: dict[str, float] | None = None,
+        init: Literal["default", "he_sparse", "looks_linear"] = "default",
+        flow_preservation: bool = False,
+        ortho_repair: bool = False,
+        ortho_steps: int = 1000,
+        ortho_lr: float = 1e-2,
+        rezero_every_step: bool = False,
+        verify_masks: bool = False,
+        log_layer_densities: bool = False,
+    ) -> None:
+        super().__init__()
+        self.density = _check_density(density)
+        self.distribution = resolve_distribution(distribution, self.EXTRA_DISTRIBUTIONS)
+        if sampling not in ("exact", "bernoulli"):
+            raise ValueError(f"sampling must be 'exact' or 'bernoulli', got {sampling!r}")
+        if init not in INIT_METHODS:
+            raise ValueError(f"unknown init {init!r}; valid: {list(INIT_METHODS)}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        if self.distribution == "custom" and not custom_densities:
+            raise ValueError(
+                "distribution='custom' needs custom_densities: a mapping of parameter name -> density"
+            )
+        if ortho_steps < 1 or ortho_lr <= 0:
+            raise ValueError(f"ortho_steps must be >= 1 and ortho_lr > 0, got {ortho_steps} and {ortho_lr}")
+        if not math.isfinite(power_scale):
+            raise ValueError(f"power_scale must be finite, got {power_scale}")
+        self.sampling = sampling
+        self.seed = seed
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.dense_first_layer = dense_first_layer
+        self.dense_last_layer = dense_last_layer
+        self.redistribute = redistribute
+        self.power_scale = float(power_scale)
+        self.custom_densities = dict(custom_densities) if custom_densities else None
+        self.init = init
+        self.flow_preservation = flow_preservation
+        self.ortho_repair = ortho_repair
+        self.ortho_steps = ortho_steps
+        self.ortho_lr = ortho_lr
+        self.rezero_every_step = rezero_every_step
+        self.verify_masks = verify_masks
+        self.log_layer_densities = log_layer_densities
+
+        self.masked: MaskedParams | None = None
+        self.target_densities: dict[str, float] = {}
+        self.flow_repairs: dict[str, tuple[int, int]] = {}
+        self._module_id: int | None = None
+        self._logged_setup = False
+
+    # ------------------------------------------------------------------ config
+    def mask_config(self) -> dict[str, Any]:
+        """The arguments that determine the masks; stored in checkpoints and compared on resume."""
+        return {
+            "density": self.density,
+            "distribution": self.distribution,
+            "sampling": self.sampling,
+            "seed": self.seed,
+            "include": self.include,
+            "exclude": self.exclude,
+            "dense_first_layer": self.dense_first_layer,
+            "dense_last_layer": self.dense_last_layer,
+            "redistribute": self.redistribute,
+            "power_scale": self.power_scale,
+            "custom_densities": self.custom_densities,
+        }
+
+    # ------------------------------------------------------------------ targets and masks
+    @staticmethod
+    def candidate_names(pl_module: pl.LightningModule) -> list[str]:
+        """The module's own sparsifiable parameters if it declares them, else the default rule."""
+        declared = getattr(pl_module, "sparsifiable_parameters", None)
+        return list(declared()) if callable(declared) else default_targets(pl_module)
+
+    def select(self, pl_module: pl.LightningModule) -> list[str]:
+        """FQNs of the parameters this callback masks (validated include/exclude patterns)."""
+        return select_targets(
+            pl_module,
+            self.candidate_names(pl_module),
+            include=self.include,
+            exclude=self.exclude,
+            dense_first_layer=self.dense_first_layer,
+            dense_last_layer=self.dense_last_layer,
+        )
+
+    def resolve_densities(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+        """Per-layer target densities from the configured rule."""
+        return layer_densities(
+            shapes,
+            self.density,
+            self.distribution,
+            redistribute=self.redistribute,
+            power_scale=self.power_scale,
+            custom=self.custom_densities,
+        )
+
+    def compute_masks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, shapes: Mapping[str, Sequence[int]]
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """Hook: the initial per-layer densities and bool masks (CPU). Default: seeded random ER masks."""
+        densities = self.resolve_densities(shapes)
+        return densities, sample_masks(shapes, densities, seed=self.seed, sampling=self.sampling)
+
+    # ------------------------------------------------------------------ lifecycle
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support the {strategy} strategy yet; use DDP ('ddp') or one device"
+            )
+        if self.masked is not None and self._module_id == id(pl_module):
+            self.masked.apply_()  # setup runs again for validate/test: keep the masks we have
+            return
+        names = self.select(pl_module)
+        params = dict(pl_module.named_parameters())
+        shapes = {n: tuple(params[n].shape) for n in names}
+        densities, masks = self.compute_masks(trainer, pl_module, shapes)
+        self.target_densities = dict(densities)
+        self._prepare_weights(params, masks)
+        self.masked = MaskedParams({n: params[n] for n in names}, masks)
+        self._module_id = id(pl_module)
+        self.masked.apply_()
+        if self.ortho_repair:
+            for name, p in zip(self.masked.names, self.masked.params):
+                if p.dim() >= 2:
+                    ortho_repair_(p.data, self.masked.masks[name], steps=self.ortho_steps, lr=self.ortho_lr)
+        self.sync_masks_(trainer)
+        self.masked.apply_()
+        self._log_table()
+
+    def _prepare_weights(self, params: Mapping[str, torch.nn.Parameter], masks: dict[str, Tensor]) -> None:
+        """Weight init and flow preservation, in upstream's order (init, then flow)."""
+        if self.init != "default":
+            for index, name in enumerate(masks):
+                gen = layer_generator(_stream_seed(self.seed, _INIT_STREAM), index)
+                d = max(self.target_densities.get(name, 1.0), 1.0 / masks[name].numel())
+                weight = params[name].data
+                if weight.dim() < 2:
+                    continue
+                if self.init == "he_sparse":
+                    he_sparse_(weight, d, generator=gen)
+                else:
+                    looks_linear_(weight, d, first=index == 0, generator=gen)
+        if self.flow_preservation:
+            for index, name in enumerate(masks):
+                fixed = preserve_flow_(
+                    masks[name], generator=layer_generator(_stream_seed(self.seed, _FLOW_STREAM), index)
+                )
+                if any(fixed):
+                    self.flow_repairs[name] = fixed
+            total_out = sum(o for o, _ in self.flow_repairs.values())
+            total_in = sum(i for _, i in self.flow_repairs.values())
+            rank_zero_info(
+                f"{type(self).__name__}: flow preservation connected {total_out} output and {total_in} input units "
+                f"in {len(self.flow_repairs)} layers"
+            )
+
+    def sync_masks_(self, trainer: pl.Trainer) -> None:
+        """Broadcast masks from rank 0 (and check agreement in debug mode). Call after every mask change."""
+        assert self.masked is not None
+        device = trainer.strategy.root_device
+        broadcast_masks_(self.masked.masks, device)
+        if self.verify_masks:
+            verify_masks_agree(self.masked.masks, device)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masked is None:
+            raise RuntimeError(f"{type(self).__name__}.setup did not run before fit")
+        self.masked.rebind_(dict(pl_module.named_parameters()))
+        self.masked.apply_()
+        if self.verify_masks:
+            verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_densities(trainer, setup=True)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        assert self.masked is not None
+        self.update_masks(trainer, pl_module, optimizer)
+        self.masked.mask_grads_()
+
+    def update_masks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Hook for topology changes; gradients are dense here. The static callback changes nothing."""
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.rezero_every_step and self.masked is not None:
+            self.masked.apply_()
+            self.masked.zero_optimizer_state_(trainer.optimizers)
+
+    # ------------------------------------------------------------------ logging
+    @rank_zero_only
+    def _log_table(self) -> None:
+        if self.masked is None:
+            return
+        counts = self.masked.counts()
+        width = max(len(n) for n in counts)
+        lines = [f"{type(self).__name__}: {self.distribution} masks, target density {self.density}"]
+        lines.append(f"{'parameter':<{width}}  {'shape':<20} {'target':>8} {'density':>8} {'kept':>10}")
+        for name, (kept, total) in counts.items():
+            shape = "x".join(str(s) for s in self.masked.masks[name].shape)
+            target = self.target_densities.get(name, float("nan"))
+            lines.append(f"{name:<{width}}  {shape:<20} {target:>8.4f} {kept / total:>8.4f} {kept:>10d}")
+        kept_all = sum(k for k, _ in counts.values())
+        total_all = sum(t for _, t in counts.values())
+        lines.append(f"{'total':<{width}}  {'':<20} {'':>8} {kept_all / total_all:>8.4f} {kept_all:>10d}")
+        rank_zero_info("\n".join(lines))
+
+    @rank_zero_only
+    def log_densities(
+        self, trainer: pl.Trainer, setup: bool = False, extra: Mapping[str, float] | None = None
+    ) -> None:
+        """Write global (and optionally per-layer) densities to every logger; on setup also a per-layer figure."""
+        if self.masked is None or not trainer.loggers:
+            return
+        densities = self.masked.densities()
+        metrics = {"sparsity/density_global": self.masked.global_density()}
+        if self.log_layer_densities:
+            metrics.update({f"sparsity/density/{n}": d for n, d in densities.items()})
+        if extra:
+            metrics.update(extra)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if setup and hasattr(experiment, "add_image") and hasattr(experiment, "add_text"):
+                experiment.add_image(
+                    "sparsity/layer_densities",
+                    density_bar_chart(list(densities.values())),
+                    trainer.global_step,
+                )
+                rows = "\n".join(
+                    f"| {n} | {tuple(self.masked.masks[n].shape)} | {self.target_densities.get(n, float('nan')):.5f} "
+                    f"| {d:.5f} |"
+                    for n, d in densities.items()
+                )
+                experiment.add_text(
+                    "sparsity/layers",
+                    "| parameter | shape | target | density |\n|---|---|---|---|\n" + rows,
+                    trainer.global_step,
+                )
+
+    # ------------------------------------------------------------------ checkpoint state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.masked is None:
+            return {}
+        return {
+            "format_version": self.FORMAT_VERSION,
+            "config": self.mask_config(),
+            "names": list(self.masked.names),
+            "masks": self.masked.state_masks(),
+            "target_densities": dict(self.target_densities),
+        }
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            raise RuntimeError(
+                f"the checkpoint has no state for {type(self).__name__} (key {self.state_key!r}): its masks cannot be "
+                "restored. Resume from a checkpoint written with this callback attached, or start a new run "
+                f"(callback states present: {sorted(checkpoint.get('callbacks', {}))})"
+            )
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            raise RuntimeError(f"empty {type(self).__name__} state in checkpoint: masks cannot be restored")
+        version = state_dict.get("format_version")
+        if version != self.FORMAT_VERSION:
+            raise RuntimeError(
+                f"{type(self).__name__} checkpoint state has format_version {version}, this version reads "
+                f"{self.FORMAT_VERSION}"
+            )
+        saved = state_dict["config"]
+        current = self.mask_config()
+        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{type(self).__name__} config differs from the checkpoint's ({detail}); resume with the same "
+                "arguments or start a new run"
+            )
+        if self.masked is None:
+            raise RuntimeError(f"{type(self).__name__}: masks are restored after setup; setup did not run")
+        masks = state_dict["masks"]
+        if list(masks) != self.masked.names:
+            raise ValueError(
+                f"checkpoint masks are for {list(masks)}, but this model masks {self.masked.names}"
+            )
+        for name, mask in masks.items():
+            if tuple(mask.shape) != tuple(self.masked.masks[name].shape):
+                raise ValueError(
+                    f"checkpoint mask {name!r} has shape {tuple(mask.shape)}, parameter has "
+                    f"{tuple(self.masked.masks[name].shape)}"
+                )
+            self.masked.set_mask_(name, mask)
+        self.target_densities = dict(state_dict.get("target_densities", self.target_densities))
+        self.load_extra_state(state_dict)
+
+    def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Hook for subclasses: restore what they added to :meth:`state_dict` (masks are restored already)."""
+
+
+def density_bar_chart(values: Sequence[float], height: int = 100, bar: int = 6, gap: int = 2) -> Tensor:
+    """A (3, H, W) image of one vertical bar per layer (height ∝ density), for TensorBoard without matplotlib."""
+    n = max(len(values), 1)
+    width = n * (bar + gap) + gap
+    img = torch.ones(3, height + 2, width)
+    img[:, -1, :] = 0.0  # baseline
+    for i, v in enumerate(values):
+        h = int(round(min(max(v, 0.0), 1.0) * height))
+        x0 = gap + i * (bar + gap)
+        if h:
+            img[0, height + 1 - h : height + 1, x0 : x0 + bar] = 0.2
+            img[1, height + 1 - h : height + 1, x0 : x0 + bar] = 0.4
+            img[2, height + 1 - h : height + 1, x0 : x0 + bar] = 0.8
+    return img
