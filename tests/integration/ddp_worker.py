@@ -1,6 +1,9 @@
 """Run a short DDP fit on 2 CPU processes (gloo) and save each rank's masks and weights.
 
-Usage: python ddp_worker.py OUT_DIR CALLBACK_CLASS JSON_KWARGS [MAX_STEPS]
+Usage: python ddp_worker.py OUT_DIR CALLBACK JSON_KWARGS [MAX_STEPS]
+
+CALLBACK is a class name exported by ``er_lightning.callbacks`` or a dotted path ``package.module.Class``.
+JSON_KWARGS may hold ``_optimizer`` (sgd | adam | adamw | rmsprop) for the model; the rest goes to the callback.
 
 Lightning's ``ddp`` strategy re-launches this script for rank 1, so it must be a file, not a pytest function.
 Each rank writes ``OUT_DIR/rank{r}.pt`` with the callback's state (masks) and the model's state_dict, for tests that
@@ -20,12 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import PlainModule, random_loader  # noqa: E402
 
+import importlib  # noqa: E402
+
 import er_lightning.callbacks as callbacks  # noqa: E402
+
+
+def _resolve(name: str) -> type:
+    if "." in name:
+        module, _, cls = name.rpartition(".")
+        return getattr(importlib.import_module(module), cls)
+    return getattr(callbacks, name)
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    cls = getattr(callbacks, sys.argv[2])
+    cls = _resolve(sys.argv[2])
     kwargs = json.loads(sys.argv[3])
     max_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 6
     torch.set_num_threads(1)
