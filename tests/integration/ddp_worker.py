@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import PlainModule, random_loader  # noqa: E402
-
 import importlib  # noqa: E402
+
+from conftest import PlainModule, random_loader  # noqa: E402
 
 import er_lightning.callbacks as callbacks  # noqa: E402
 
