@@ -87,7 +87,6 @@ class StepTimer(Callback):
         if not hasattr(cb, "update_masks"):
             return
         inner: Callable[..., Any] = cb.update_masks
-        before = {"step": -1}
 
         def timed(
             trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -101,7 +100,6 @@ class StepTimer(Callback):
             if counts_before is not None:
                 self._updated = True
                 self.update_seconds.append(dt)
-            before["step"] = trainer.global_step
             return out
 
         cb.update_masks = timed  # type: ignore[method-assign]
@@ -190,7 +188,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             v.timer.wrap_update(cb)
     # One Trainer per variant and round; the module keeps its weights and the callbacks their masks, because setup
     # is idempotent for the same module.
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         for v in variants:
             assert v.module is not None and v.timer is not None
             if device.type == "cuda":
