@@ -48,6 +48,10 @@ class PlainModule(pl.LightningModule):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
+    def validation_step(self, batch, batch_idx):  # noqa: ANN001
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
     def configure_optimizers(self):  # noqa: ANN201
         params = self.parameters()
         if self.optimizer_name == "sgd":

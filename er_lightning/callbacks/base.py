@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
 from er_lightning.masking.masked import MaskedParams
-from er_lightning.masking.targets import default_targets, select_targets
+from er_lightning.masking.targets import default_targets, original_named_parameters, select_targets
 from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
 from er_lightning.sparsity.flow import preserve_flow_
 from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_repair_
@@ -262,49 +262,78 @@ class SparsityCallback(Callback):
         if self.masked is not None and self._module_id == id(pl_module):
             self.masked.apply_()  # setup runs again for validate/test: keep the masks we have
             return
+        self._check_single_sparsity_callback(trainer)
+        # Outside `fit` a fresh callback must not touch trained weights: evaluating a trained model with a new
+        # callback instance would otherwise zero it at newly drawn positions. Masks are still drawn (the
+        # checkpoint's masks replace them when `ckpt_path` is given), but init, repairs and zeroing are skipped.
+        fitting = stage == "fit"
         names = self.select(pl_module)
         params = dict(pl_module.named_parameters())
         shapes = {n: tuple(params[n].shape) for n in names}
         densities, masks = self.compute_masks(trainer, pl_module, shapes)
         self.target_densities = dict(densities)
-        self._prepare_weights(params, masks)
+        if fitting:
+            self._init_weights(params, masks)
+        self._preserve_flow(masks)
         self.masked = MaskedParams({n: params[n] for n in names}, masks)
         self._module_id = id(pl_module)
-        self.masked.apply_()
-        if self.ortho_repair:
-            for name, p in zip(self.masked.names, self.masked.params):
-                if p.dim() >= 2:
-                    ortho_repair_(p.data, self.masked.masks[name], steps=self.ortho_steps, lr=self.ortho_lr)
+        if fitting:
+            self.masked.apply_()
+            if self.ortho_repair:
+                for name, p in zip(self.masked.names, self.masked.params):
+                    if p.dim() >= 2:
+                        ortho_repair_(
+                            p.data, self.masked.masks[name], steps=self.ortho_steps, lr=self.ortho_lr
+                        )
         self.sync_masks_(trainer)
-        self.masked.apply_()
+        if fitting:
+            self.masked.apply_()
         self._log_table()
 
-    def _prepare_weights(self, params: Mapping[str, torch.nn.Parameter], masks: dict[str, Tensor]) -> None:
-        """Weight init and flow preservation, in upstream's order (init, then flow)."""
-        if self.init != "default":
-            for index, name in enumerate(masks):
-                gen = layer_generator(_stream_seed(self.seed, _INIT_STREAM), index)
-                d = max(self.target_densities.get(name, 1.0), 1.0 / masks[name].numel())
-                weight = params[name].data
-                if weight.dim() < 2:
-                    continue
-                if self.init == "he_sparse":
-                    he_sparse_(weight, d, generator=gen)
-                else:
-                    looks_linear_(weight, d, first=index == 0, generator=gen)
-        if self.flow_preservation:
-            for index, name in enumerate(masks):
-                fixed = preserve_flow_(
-                    masks[name], generator=layer_generator(_stream_seed(self.seed, _FLOW_STREAM), index)
-                )
-                if any(fixed):
-                    self.flow_repairs[name] = fixed
-            total_out = sum(o for o, _ in self.flow_repairs.values())
-            total_in = sum(i for _, i in self.flow_repairs.values())
-            rank_zero_info(
-                f"{type(self).__name__}: flow preservation connected {total_out} output and {total_in} input units "
-                f"in {len(self.flow_repairs)} layers"
+    def _check_single_sparsity_callback(self, trainer: pl.Trainer) -> None:
+        others = [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if isinstance(cb, SparsityCallback) and cb is not self
+        ]
+        if others:
+            raise ValueError(
+                f"{type(self).__name__} and {others} are all attached to this Trainer; each owns the masks of the "
+                "same parameters, so use exactly one sparsity callback per run (remove the others from "
+                "trainer.callbacks, e.g. the quickstart's StaticSparsity when adding a DST callback)"
             )
+
+    def _init_weights(self, params: Mapping[str, torch.nn.Parameter], masks: dict[str, Tensor]) -> None:
+        """Optional sparse-aware weight init (``he_sparse`` or ``looks_linear``) from seeded generators."""
+        if self.init == "default":
+            return
+        for index, name in enumerate(masks):
+            weight = params[name].data
+            if weight.dim() < 2:
+                continue
+            gen = layer_generator(_stream_seed(self.seed, _INIT_STREAM), index)
+            d = max(self.target_densities.get(name, 1.0), 1.0 / masks[name].numel())
+            if self.init == "he_sparse":
+                he_sparse_(weight, d, generator=gen)
+            else:
+                looks_linear_(weight, d, first=index == 0, generator=gen)
+
+    def _preserve_flow(self, masks: dict[str, Tensor]) -> None:
+        """Connect disconnected units (after init, as upstream orders it); counts are logged."""
+        if not self.flow_preservation:
+            return
+        for index, name in enumerate(masks):
+            fixed = preserve_flow_(
+                masks[name], generator=layer_generator(_stream_seed(self.seed, _FLOW_STREAM), index)
+            )
+            if any(fixed):
+                self.flow_repairs[name] = fixed
+        total_out = sum(o for o, _ in self.flow_repairs.values())
+        total_in = sum(i for _, i in self.flow_repairs.values())
+        rank_zero_info(
+            f"{type(self).__name__}: flow preservation connected {total_out} output and {total_in} input units "
+            f"in {len(self.flow_repairs)} layers"
+        )
 
     def sync_masks_(self, trainer: pl.Trainer) -> None:
         """Broadcast masks from rank 0 (and check agreement in debug mode). Call after every mask change."""
@@ -318,7 +347,8 @@ class SparsityCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.masked is None:
             raise RuntimeError(f"{type(self).__name__}.setup did not run before fit")
-        self.masked.rebind_(dict(pl_module.named_parameters()))
+        # parametrized weights (supermask, STR) are rebound through their plain names
+        self.masked.rebind_(original_named_parameters(pl_module))
         self.masked.apply_()
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)

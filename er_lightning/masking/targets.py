@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["default_targets", "select_targets"]
+__all__ = [
+    "PARAMETRIZED_NAME",
+    "default_targets",
+    "original_fqn",
+    "original_named_parameters",
+    "select_targets",
+]
 
 _MASKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+#: ``<module>.parametrizations.<tensor>.original``: where ``torch.nn.utils.parametrize`` keeps a tensor.
+PARAMETRIZED_NAME = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+
+
+def original_fqn(name: str) -> str:
+    """``a.b.parametrizations.weight.original`` → ``a.b.weight``; other names are returned unchanged.
+
+    Masks, checkpoints and logs keep the name a tensor had before a parametrization (supermask scores, STR
+    thresholds) was attached to it.
+    """
+    return PARAMETRIZED_NAME.sub(lambda m: f"{m.group(1)}{m.group(2)}", name)
+
+
+def original_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters()`` keyed by :func:`original_fqn`, so parametrized weights keep their plain names."""
+    return {original_fqn(n): p for n, p in model.named_parameters()}
 
 
 def default_targets(model: nn.Module) -> list[str]:

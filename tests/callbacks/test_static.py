@@ -240,3 +240,55 @@ def test_tensorboard_gets_global_density(tmp_path):
     assert value == pytest.approx(0.25, abs=2e-3)
     assert "sparsity/density/net.fc.weight" in scalars
     assert "sparsity/layer_densities" in acc.Tags()["images"]
+
+
+@pytest.mark.slow
+def test_compiled_model_keeps_zeros(tmp_path):
+    """A torch.compile'd backbone: in-place masks need no recompile and stay exact (about 30 s on CPU)."""
+    torch.manual_seed(0)
+    module = PlainModule(optimizer="adamw", lr=0.01)
+    module.net = torch.compile(module.net)
+    cb = StaticSparsity(density=0.25)
+    make_trainer(tmp_path, [cb], max_steps=4).fit(module, random_loader())
+    params = dict(module.named_parameters())
+    assert cb.masked.names == [n.replace("net.", "net._orig_mod.") for n in NAMES]
+    for name in cb.masked.names:
+        mask = cb.masked.masks[name]
+        assert (params[name][~mask] == 0).all()
+        assert (params[name][mask] != 0).all()
+
+
+def test_fresh_callback_outside_fit_leaves_trained_weights_alone(tmp_path):
+    torch.manual_seed(0)
+    module = PlainModule()
+    make_trainer(tmp_path, [StaticSparsity(density=0.3, seed=1)], max_steps=2).fit(module, random_loader())
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    # evaluating with a new instance (other seed, no checkpoint) must not zero anything
+    make_trainer(tmp_path, [StaticSparsity(density=0.3, seed=2)]).validate(module, random_loader())
+    for name, p in module.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_two_sparsity_callbacks_are_refused(tmp_path, tiny_module):
+    from er_lightning.callbacks import RigL
+
+    trainer = make_trainer(tmp_path, [StaticSparsity(density=0.3), RigL(density=0.3)], max_steps=1)
+    with pytest.raises(ValueError, match=r"use exactly one sparsity callback"):
+        trainer.fit(tiny_module, random_loader())
+
+
+def test_public_exports():
+    import er_lightning
+    import er_lightning.callbacks as cbs
+
+    for name in (
+        "StaticSparsity",
+        "SET",
+        "RigL",
+        "GraNet",
+        "GMP",
+        "Supermask",
+        "SoftThreshold",
+        "IterativeMagnitudePruning",
+    ):
+        assert getattr(cbs, name) is getattr(er_lightning, name)
