@@ -71,7 +71,7 @@ from er_lightning.sparsity.schedules import (
     steps_per_epoch,
 )
 from er_lightning.sparsity.scores import synflow_scores
-from er_lightning.sparsity.topk import exact_count
+from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
 
 __all__ = [
     "GMP",
@@ -83,7 +83,6 @@ __all__ = [
     "UpdateRecord",
     "drop_and_grow",
     "momentum_scores",
-    "select_top",
 ]
 
 PruneScore = Literal["magnitude", "synflow"]
@@ -98,43 +97,6 @@ _SCOPES = ("global", "layerwise")
 # ----------------------------------------------------------------------------------------------------------------
 # Pure per-layer pieces
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def select_top(scores: Tensor, k: int, candidates: Tensor) -> Tensor:
-    """Bool mask of the ``k`` candidates with the largest scores; the same result as
-    :func:`~er_lightning.sparsity.topk.topk_mask` (ties go to the lowest flat index, NaN ranks lowest).
-
-    Only the candidates are looked at, and a partial ``torch.topk`` finds the k-th value instead of a full sort:
-    dropping among the few active weights of a sparse layer, or growing a few among many inactive ones, costs
-    O(n) rather than O(n log n) (VGG-16, 14.7M masked weights, on a loaded 2-core CPU: a whole RigL update took
-    about 16 s with full stable sorts and about 8 s with this; on a GPU either is a few milliseconds).
-
-    Args:
-        scores: any shape; float64 scores are compared in float64, everything else in float32.
-        k: number to select, in [0, number of candidates].
-        candidates: bool tensor shaped like ``scores``.
-
-    Raises:
-        ValueError: ``k`` out of range.
-    """
-    flat_c = candidates.reshape(-1).to(torch.bool)
-    idx = torch.nonzero(flat_c).view(-1)  # ascending flat indices
-    m = idx.numel()
-    if not 0 <= k <= m:
-        raise ValueError(f"k must be in [0, {m}] (the number of candidates), got {k}")
-    out = torch.zeros(flat_c.numel(), dtype=torch.bool, device=candidates.device)
-    if k == m:
-        out[idx] = True
-    elif k > 0:
-        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-        sub = scores.detach().reshape(-1).to(device=idx.device, dtype=dtype)[idx]
-        sub = torch.nan_to_num(sub, nan=float("-inf"))
-        kth = torch.topk(sub, k, largest=True, sorted=False).values.min()
-        chosen = sub > kth
-        ties = torch.nonzero(sub == kth).view(-1)[: k - int(torch.count_nonzero(chosen))]
-        chosen[ties] = True
-        out[idx[chosen]] = True
-    return out.view(candidates.shape)
 
 
 class LayerUpdate(NamedTuple):
@@ -185,11 +147,11 @@ def drop_and_grow(
         candidates = candidates & ~exclude.to(device=mask.device, dtype=torch.bool)
     n_free = int(torch.count_nonzero(candidates))
     n = max(min(int(n_drop), n_active if allow_regrow_dropped else min(n_active, n_free)), 0)
-    keep = select_top(drop_scores, n_active - n, mask)
+    keep = topk_mask(drop_scores, n_active - n, mask)
     dropped = mask & ~keep
     if allow_regrow_dropped:
         candidates = candidates | dropped
-    grown = select_top(grow_scores, n, candidates)
+    grown = topk_mask(grow_scores, n, candidates)
     return LayerUpdate(keep | grown, dropped, grown)
 
 
@@ -751,12 +713,12 @@ class DynamicSparsity(SparsityCallback):
             total = sum(m.numel() for m in masked.masks.values())
             active = sum(int(torch.count_nonzero(m)) for m in masked.masks.values())
             k = min(exact_count(target, total), active)
-            return _global_keep(scores, k, masked.masks)
+            return global_topk_masks(scores, k, masked.masks)
         out: dict[str, Tensor] = {}
         for name, mask in masked.masks.items():
             layer_target = min(self.target_densities.get(name, self.density) * target / self.density, 1.0)
             k = min(exact_count(layer_target, mask.numel()), int(torch.count_nonzero(mask)))
-            out[name] = select_top(scores[name], k, mask)
+            out[name] = topk_mask(scores[name], k, mask)
         return out
 
     # ------------------------------------------------------------------ logging
@@ -774,26 +736,6 @@ class DynamicSparsity(SparsityCallback):
             **extra,
         }
         self.log_densities(trainer, extra=metrics)
-
-
-def _global_keep(scores: Mapping[str, Tensor], k: int, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Global top-``k`` among active positions, ties by position in the concatenation (as ``global_topk_masks``).
-
-    Float64 scores (SynFlow) keep their range; others are compared in float32.
-    """
-    names = list(scores)
-    device = masks[names[0]].device
-    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else torch.float32
-    flat = torch.cat([scores[n].detach().reshape(-1).to(device, dtype) for n in names])
-    cand = torch.cat([masks[n].reshape(-1).to(device) for n in names])
-    keep = select_top(flat, k, cand)
-    out: dict[str, Tensor] = {}
-    start = 0
-    for n in names:
-        numel = masks[n].numel()
-        out[n] = keep[start : start + numel].view(masks[n].shape).to(masks[n].device)
-        start += numel
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

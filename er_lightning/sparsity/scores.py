@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from er_lightning.sparsity.topk import exact_count, topk_mask
+from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
 
 __all__ = [
     "SCORE_CRITERIA",
@@ -559,34 +559,6 @@ def synflow_scores(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _global_topk(
-    scores: Mapping[str, Tensor], k: int, candidates: Mapping[str, Tensor] | None
-) -> dict[str, Tensor]:
-    """Global top-``k`` over all tensors, in float64 when any score is float64, ties by concatenation order."""
-    names = list(scores)
-    device = scores[names[0]].device
-    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else torch.float32
-    flat = torch.cat([scores[n].detach().reshape(-1).to(device=device, dtype=dtype) for n in names])
-    cand = None
-    if candidates is not None:
-        cand = torch.cat(
-            [
-                (candidates[n] if n in candidates else torch.ones_like(scores[n], dtype=torch.bool))
-                .reshape(-1)
-                .to(device=device, dtype=torch.bool)
-                for n in names
-            ]
-        )
-    mask = topk_mask(flat, k, cand)
-    out: dict[str, Tensor] = {}
-    start = 0
-    for n in names:
-        numel = scores[n].numel()
-        out[n] = mask[start : start + numel].view(scores[n].shape).to(scores[n].device)
-        start += numel
-    return out
-
-
 def _targets(
     numels: Mapping[str, int], available: Mapping[str, int], density: float, scope: str, clip: bool
 ) -> dict[str, int] | int:
@@ -636,7 +608,7 @@ def _select(
     numels, available = _counts({n: s.shape for n, s in scores.items()}, candidates)
     k = _targets(numels, available, density, scope, clip)
     if isinstance(k, int):
-        return _global_topk(scores, k, candidates)
+        return global_topk_masks(scores, k, candidates)
     out: dict[str, Tensor] = {}
     for n, s in scores.items():
         cand = None if candidates is None or n not in candidates else candidates[n].to(s.device)

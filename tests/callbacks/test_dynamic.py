@@ -12,13 +12,11 @@ from er_lightning.callbacks.dynamic import (
     DynamicSparsity,
     GraNet,
     RigL,
-    _global_keep,
     drop_and_grow,
     momentum_scores,
-    select_top,
 )
 from er_lightning.sparsity.schedules import ConstantDrop, CosineDrop, cubic_density, drop_count
-from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
+from er_lightning.sparsity.topk import exact_count
 
 NAMES = ["net.conv1.weight", "net.conv2.weight", "net.fc.weight"]
 N_TOTAL = 8 * 3 * 9 + 16 * 8 * 9 + 10 * 16
@@ -122,39 +120,6 @@ def test_drop_and_grow_breaks_ties_by_index():
     up = drop_and_grow(mask, torch.ones(8), torch.zeros(8), n_drop=2)
     assert up.dropped.nonzero().view(-1).tolist() == [2, 3]  # equal scores: highest index goes
     assert up.grown.nonzero().view(-1).tolist() == [4, 5]  # equal scores: lowest index grows
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_select_top_equals_topk_mask_including_ties_and_nans(dtype):
-    g = torch.Generator().manual_seed(0)
-    for trial in range(40):
-        n = int(torch.randint(1, 60, (1,), generator=g))
-        scores = torch.randint(0, 5, (n,), generator=g).to(dtype)  # many ties
-        if trial % 3 == 0:
-            scores[torch.rand(n, generator=g) < 0.2] = float("nan")
-        if trial % 4 == 0:
-            scores[torch.rand(n, generator=g) < 0.2] = float("-inf")
-        cand = torch.rand(n, generator=g) < 0.6
-        m = int(cand.sum())
-        for k in {0, m // 3, m // 2, max(m - 1, 0), m}:
-            assert torch.equal(select_top(scores, k, cand), topk_mask(scores, k, cand)), (trial, k)
-    with pytest.raises(ValueError, match="k must be in"):
-        select_top(torch.ones(3), 3, torch.tensor([True, False, True]))
-
-
-def test_global_keep_equals_global_topk_masks():
-    g = torch.Generator().manual_seed(1)
-    scores = {
-        "a": torch.randint(0, 4, (3, 5), generator=g).float(),
-        "b": torch.randint(0, 4, (7,), generator=g).float(),
-    }
-    masks = {n: torch.rand(s.shape, generator=g) < 0.7 for n, s in scores.items()}
-    active = sum(int(m.sum()) for m in masks.values())
-    for k in range(active + 1):
-        mine, ref = _global_keep(scores, k, masks), global_topk_masks(scores, k, candidates=masks)
-        assert all(torch.equal(mine[n], ref[n]) for n in scores), k
-    big = {n: s.double() * 1e300 for n, s in scores.items()}  # float64 range survives (SynFlow scores)
-    assert all(torch.equal(_global_keep(big, 5, masks)[n], _global_keep(scores, 5, masks)[n]) for n in scores)
 
 
 def test_momentum_scores_for_sgd_and_adam():
