@@ -132,26 +132,27 @@ def _try_callback(path: str) -> type | None:
         return None
 
 
-def build_variants(args: argparse.Namespace, total_steps: int) -> list[Variant]:
+def build_variants(args: argparse.Namespace, dynamic_only: bool = False) -> list[Variant]:
     d = args.density
     variants = [
         Variant("dense", lambda: []),
         Variant("StaticSparsity", lambda: [StaticSparsity(density=d, distribution="erk")]),
     ]
+    periods = (100,) if dynamic_only else (100, 1000)
     rigl = _try_callback("er_lightning.callbacks.RigL")
     granet = _try_callback("er_lightning.callbacks.GraNet")
     supermask = _try_callback("er_lightning.callbacks.Supermask")
     soft = _try_callback("er_lightning.callbacks.SoftThreshold")
     probe = args.update_probe_every
     if rigl is not None:
-        for f in (100, 1000):
+        for f in periods:
             variants.append(
                 Variant(
                     f"RigL f={f}", lambda: [rigl(density=d, update_every_steps=probe, stop_updates_at=1.0)], f
                 )
             )
     if granet is not None:
-        for f in (100, 1000):
+        for f in periods:
             variants.append(
                 Variant(
                     f"GraNet f={f}",
@@ -159,6 +160,8 @@ def build_variants(args: argparse.Namespace, total_steps: int) -> list[Variant]:
                     f,
                 )
             )
+    if dynamic_only:
+        return [v for v in variants if v.update_every]
     if supermask is not None:
         variants.append(Variant("Supermask", lambda: [supermask(density=d / 2, er_density=d)]))
     if soft is not None:
@@ -166,7 +169,7 @@ def build_variants(args: argparse.Namespace, total_steps: int) -> list[Variant]:
     return variants
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, dynamic_only: bool = False) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     accelerator = "gpu" if device.type == "cuda" else "cpu"
@@ -178,8 +181,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = SparseLightningModule(
         args.model, num_classes=num_classes, optimizer="sgd", lr=0.01, momentum=0.9, lr_schedule="constant"
     )
-    total = args.rounds * args.steps
-    variants = build_variants(args, total)
+    variants = build_variants(args, dynamic_only)
     for v in variants:
         v.module = copy.deepcopy(base)
         v.callbacks = v.make_callbacks()
@@ -252,7 +254,7 @@ def update_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     args = copy.copy(args)
     args.rounds = 1
     args.update_probe_every = 5
-    rows = [r for r in run(args) if "ms_update_only" in r]
+    rows = [r for r in run(args, dynamic_only=True) if "ms_update_only" in r]
     for r in rows:
         r["update_vs_step"] = r["ms_update_only"] / r["ms_step"]
     return rows
