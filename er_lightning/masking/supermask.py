@@ -138,16 +138,19 @@ def select_above(
     return above | (equal & first)
 
 
-def top_in_support(values: Tensor, keep: int) -> Tensor:
+def top_in_support(values: Tensor, keep: int, support_index: Tensor | None = None) -> Tensor:
     """Bool mask (1-D) with exactly ``keep`` entries: the largest ``values``, ties by lowest index.
 
     Args:
         values: from :func:`candidate_values` (``-1`` marks positions outside the support).
         keep: number kept, ``0 <= keep <=`` number of support entries (callers clamp).
+        support_index: flat indices of the support, when known: the threshold is then selected among those
+            entries only (at ER density 0.5 this halves the selection, the dominant cost of a supermask step on
+            the CPU: 47 → 24 ms for a 512×512×3×3 layer on 2 threads).
     """
     if keep <= 0:
         return torch.zeros_like(values, dtype=torch.bool)
-    tau = kth_largest(values, keep)
+    tau = kth_largest(values if support_index is None else values[support_index], keep)
     above = values > tau
     return select_above(values, tau, keep - above.sum(), above)
 
@@ -260,6 +263,8 @@ class SupermaskParametrization(nn.Module):
                 f"{support.dtype} {tuple(support.shape)}"
             )
         self.support: Tensor | None = support
+        self._support_index: Tensor | None = None
+        self._support_key: tuple[int, int, torch.device] | None = None
         self.keep = int(keep)
         self.selector = selector
         self.member_index = selector.add(self) if selector is not None else -1
@@ -269,9 +274,19 @@ class SupermaskParametrization(nn.Module):
         with torch.no_grad():
             return self._select(candidate_values(self.scores, self.support)).view(self.scores.shape)
 
+    def support_index(self) -> Tensor | None:
+        """Flat indices of the support, recomputed only when the support tensor is replaced or edited."""
+        if self.support is None:
+            return None
+        key = (id(self.support), self.support._version, self.support.device)
+        if self._support_key != key:
+            self._support_index = torch.nonzero(self.support.reshape(-1)).view(-1)
+            self._support_key = key
+        return self._support_index
+
     def _select(self, values: Tensor) -> Tensor:
         if self.selector is None:
-            return top_in_support(values, self.keep)
+            return top_in_support(values, self.keep, self.support_index())
         tau, ties = self.selector.plan(self.member_index)
         return select_above(values, tau, ties)
 
