@@ -560,3 +560,19 @@ def test_support_follows_dtype_and_device_moves(tmp_path, tiny_module):
     assert p.support.dtype == torch.bool and p.scores.dtype == torch.float64
     out = tiny_module(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+def test_cpu_kth_largest_is_exact_on_large_tensors_with_ties():
+    from er_lightning.masking.supermask import kth_largest
+
+    g = torch.Generator().manual_seed(0)
+    n = 70_000  # above the sampled-selection threshold
+    cases = [
+        torch.randn(n, generator=g).abs(),
+        torch.randint(0, 50, (n,), generator=g).float(),  # heavy ties
+        torch.where(torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g), torch.full((n,), -1.0)),
+    ]
+    for values in cases:
+        for k in (1, 7, n // 5, n // 2, n - 3, n):
+            expected = torch.kthvalue(values, n - k + 1).values
+            assert kth_largest(values, k) == expected, k
