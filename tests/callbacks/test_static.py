@@ -61,7 +61,10 @@ def test_same_seed_same_masks_whatever_the_global_rng(tmp_path):
         ("rmsprop", {}),
         ("sgd", {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}),
         ("adamw", {"precision": "bf16-mixed"}),
-        ("sgd", {"precision": "16-mixed"}),  # on CPU: fp16 autocast, no GradScaler (a GPU run covers unscaling)
+        (
+            "sgd",
+            {"precision": "16-mixed"},
+        ),  # on CPU: fp16 autocast, no GradScaler (a GPU run covers unscaling)
     ],
 )
 def test_fit_keeps_weights_and_optimizer_state_zero(tmp_path, optimizer, kwargs):
