@@ -28,3 +28,32 @@ def test_static_masks_and_weights_identical_on_two_ranks(tmp_path):
     for name, mask in m0.items():
         assert (r0["model"][name][~mask] == 0).all()
         assert (r0["model"][name][mask] != 0).all()
+
+
+@pytest.mark.dist
+def test_verify_masks_raises_when_ranks_disagree(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ddp_helpers import WORKER
+
+    kwargs = {"density": 0.2, "verify_masks": True}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(WORKER),
+            str(tmp_path),
+            "corrupting.CorruptingStaticSparsity",
+            json.dumps(kwargs),
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent)),
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode != 0
+    assert "masks differ between rank 0 and rank 1 for 'net.conv1.weight'" in proc.stdout + proc.stderr
