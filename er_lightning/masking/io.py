@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["save_masks", "load_masks", "check_masks_match"]
+__all__ = ["save_masks", "load_masks", "check_masks_match", "mask_file_densities"]
 
 
 def save_masks(masks: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
@@ -80,3 +80,16 @@ def load_masks(
     if shapes is not None:
         check_masks_match(out, shapes, source=f"mask file {path!r}")
     return out
+
+
+def mask_file_densities(
+    path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, float]:
+    """Per-layer kept fractions of a mask file, validated like :func:`load_masks`.
+
+    Feeds ``distribution="custom"`` of any callback, e.g. a dynamic sparse run started from the layer ratios of an
+    IMP level or of a SNIP mask (ER_imp / ER_snip starts)::
+
+        RigL(density=0.05, distribution="custom", custom_densities=mask_file_densities("imp_masks/level_8.pt"))
+    """
+    return {name: float(mask.float().mean()) for name, mask in load_masks(path, shapes).items()}

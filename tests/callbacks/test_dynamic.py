@@ -562,3 +562,21 @@ def test_granet_worked_example_schedule_from_trainer_counts():
     )
     cb._resolve_schedule(trainer)  # type: ignore[arg-type]
     assert cb._window == (0, 24)
+
+
+def test_rigl_starts_from_the_layer_ratios_of_a_mask_file(tmp_path):
+    """ER_imp / ER_snip starts for DST: custom densities read from a saved mask."""
+    from er_lightning.masking import mask_file_densities, save_masks
+
+    source = {
+        "net.conv1.weight": torch.rand(8, 3, 3, 3) < 0.5,
+        "net.conv2.weight": torch.rand(16, 8, 3, 3) < 0.1,
+        "net.fc.weight": torch.rand(10, 16) < 0.3,
+    }
+    save_masks(source, tmp_path / "m.pt")
+    densities = mask_file_densities(tmp_path / "m.pt")
+    cb = RigL(density=0.2, distribution="custom", custom_densities=densities, update_every_steps=100)
+    torch.manual_seed(0)
+    make_trainer(tmp_path, [cb], max_steps=1).fit(PlainModule(), random_loader())
+    for name, mask in source.items():
+        assert int(cb.masked.masks[name].sum()) == int(mask.sum()), name
