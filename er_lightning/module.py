@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from er_lightning.masking.targets import default_targets
+from er_lightning.sparsity.checks import check_choice
 
 __all__ = ["OptimizerName", "ParamGroup", "ScheduleName", "SparseLightningModule", "lr_multiplier"]
 
@@ -121,11 +122,6 @@ def lr_multiplier(
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _check_choice(value: object, name: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
 class SparseLightningModule(pl.LightningModule):
     """Image classifier around any backbone: cross-entropy, top-1/top-5 accuracy, SGD/Adam/AdamW, LR schedule.
 
@@ -203,8 +199,8 @@ class SparseLightningModule(pl.LightningModule):
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        _check_choice(optimizer, "optimizer", get_args(OptimizerName))
-        _check_choice(lr_schedule, "lr_schedule", get_args(ScheduleName))
+        check_choice(optimizer, "optimizer", get_args(OptimizerName))
+        check_choice(lr_schedule, "lr_schedule", get_args(ScheduleName))
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not 0.0 <= momentum < 1.0:

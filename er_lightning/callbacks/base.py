@@ -32,6 +32,7 @@ from typing_extensions import override
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
 from er_lightning.masking.masked import MaskedParams
 from er_lightning.masking.targets import default_targets, original_named_parameters, select_targets
+from er_lightning.sparsity.checks import check_density
 from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
 from er_lightning.sparsity.flow import preserve_flow_
 from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_repair_
@@ -85,17 +86,6 @@ def resolve_distribution(name: str, extra: Sequence[str] = ()) -> str:
             f"unknown distribution {name!r}; valid: {sorted(valid)} or upstream aliases {sorted(DISTRIBUTION_ALIASES)}"
         )
     return resolved
-
-
-def _check_density(value: float, what: str = "density") -> float:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or not 0 < value <= 1
-    ):
-        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
-    return float(value)
 
 
 class SparsityCallback(Callback):
@@ -158,7 +148,7 @@ class SparsityCallback(Callback):
         log_layer_densities: bool = False,
     ) -> None:
         super().__init__()
-        self.density = _check_density(density)
+        self.density = check_density(density)
         self.distribution = resolve_distribution(distribution, self.EXTRA_DISTRIBUTIONS)
         if sampling not in ("exact", "bernoulli"):
             raise ValueError(f"sampling must be 'exact' or 'bernoulli', got {sampling!r}")

@@ -56,8 +56,9 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback, _check_density
+from er_lightning.callbacks.base import SparsityCallback
 from er_lightning.masking.dist import broadcast_masks_
+from er_lightning.sparsity.checks import check_choice, check_density, check_int
 from er_lightning.sparsity.sampling import layer_generator
 from er_lightning.sparsity.schedules import (
     ConstantDrop,
@@ -221,14 +222,6 @@ def _check_optimizer_momentum(optimizers: list[torch.optim.Optimizer], params: l
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_int(value: object, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_stop(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"stop_updates_at must be a number in (0, 1], got {value!r}")
@@ -237,12 +230,6 @@ def _check_stop(value: object) -> float:
             f"stop_updates_at is a fraction of training and must be in (0, 1], got {value} (1 = update to the end)"
         )
     return float(value)
-
-
-def _check_choice(value: object, what: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
-    return str(value)
 
 
 def _check_epoch(value: object, what: str) -> float:
@@ -377,10 +364,10 @@ class DynamicSparsity(SparsityCallback):
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
         )
-        self.update_every_steps = _check_int(update_every_steps, "update_every_steps", 1)
+        self.update_every_steps = check_int(update_every_steps, "update_every_steps", 1)
         self.drop_schedule: DropSchedule | None = as_drop_schedule(drop_fraction) if self.REGROWS else None
         self.stop_updates_at = _check_stop(stop_updates_at)
-        self.prune = _check_choice(prune, "prune", _PRUNE_SCORES)
+        self.prune = check_choice(prune, "prune", _PRUNE_SCORES)
         self.allow_regrow_dropped = bool(allow_regrow_dropped)
         if input_shape is not None and (
             not input_shape
@@ -420,7 +407,7 @@ class DynamicSparsity(SparsityCallback):
         scope: str,
     ) -> None:
         """Switch gradual pruning on (called by GraNet and GMP constructors)."""
-        final = _check_density(final_density, "final_density")
+        final = check_density(final_density, "final_density")
         if final > self.density:
             raise ValueError(
                 f"final_density ({final}) must be <= init_density ({self.density}): gradual pruning only removes "
@@ -433,7 +420,7 @@ class DynamicSparsity(SparsityCallback):
         self.final_density = final
         self.prune_start_epoch = start
         self.prune_end_epoch = end
-        self.scope = _check_choice(scope, "scope", _SCOPES)
+        self.scope = check_choice(scope, "scope", _SCOPES)
 
     # ------------------------------------------------------------------ hooks for methods
     def drop_scores(self, name: str, weight: Tensor, grad: Tensor | None, step: int) -> Tensor:
@@ -841,7 +828,7 @@ class RigL(DynamicSparsity):
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
         )
-        self.growth = _check_choice(growth, "growth", _GROWTH)
+        self.growth = check_choice(growth, "growth", _GROWTH)
 
     @override
     def mask_config(self) -> dict[str, Any]:

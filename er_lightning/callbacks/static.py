@@ -26,6 +26,7 @@ from typing_extensions import override
 
 from er_lightning.callbacks.base import SparsityCallback
 from er_lightning.masking.io import load_masks
+from er_lightning.sparsity.checks import check_int
 from er_lightning.sparsity.sampling import sample_masks
 from er_lightning.sparsity.scores import prune_at_init
 
@@ -194,8 +195,8 @@ class StaticSparsity(SparsityCallback):
             )
         self.placement = placement
         self.mask_file = os.fspath(mask_file) if mask_file is not None else None
-        self.num_batches = _check_positive_int(num_batches, "num_batches")
-        self.rounds = _check_positive_int(rounds, "rounds")
+        self.num_batches = check_int(num_batches, "num_batches")
+        self.rounds = check_int(rounds, "rounds")
         self.input_shape = _check_input_shape(input_shape)
         if not isinstance(double, bool):
             raise TypeError(f"double must be a bool, got {double!r}")
@@ -365,14 +366,6 @@ def _scoring_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch
     if param is None or param.device == device or device.type == "cpu":
         return pl_module
     return copy.deepcopy(pl_module).to(device)  # LightningModule.__getstate__ drops the trainer reference
-
-
-def _check_positive_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be >= 1, got {value}")
-    return value
 
 
 def _check_input_shape(shape: Sequence[int] | None) -> list[int] | None:

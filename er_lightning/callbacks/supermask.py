@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback, _check_density, _stream_seed
+from er_lightning.callbacks.base import SparsityCallback, _stream_seed
 from er_lightning.masking.dist import verify_masks_agree
 from er_lightning.masking.supermask import (
     SCORE_INITS,
@@ -29,6 +29,7 @@ from er_lightning.masking.supermask import (
 )
 from er_lightning.masking.targets import original_fqn, original_named_parameters
 from er_lightning.sparsity.anneal import annealed_densities, level_at_step
+from er_lightning.sparsity.checks import check_density
 from er_lightning.sparsity.init import fan_in
 from er_lightning.sparsity.sampling import layer_generator
 
@@ -165,7 +166,7 @@ class Supermask(SparsityCallback):
         verify_masks: bool = False,
         log_layer_densities: bool = False,
     ) -> None:
-        er = _check_density(er_density, "er_density")
+        er = check_density(er_density, "er_density")
         super().__init__(
             density=er,  # the engine's hard mask is M_ER: its ``density`` is the ER density
             distribution=distribution,
@@ -181,7 +182,7 @@ class Supermask(SparsityCallback):
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
         )
-        k_final = _check_density(density, "density")
+        k_final = check_density(density, "density")
         if scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         if weight_init not in WEIGHT_INITS:

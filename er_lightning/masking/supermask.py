@@ -336,7 +336,7 @@ class SupermaskParametrization(nn.Module):
         return weight * self.mask().to(weight.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SupermaskParametrization:  # noqa: D105
-        # Move the support with the module (``.to(device)``, ``.cuda()``) like a buffer, without making it one.
+        # Move the support with the module (``.to(device)`` and friends) like a buffer, without making it one.
         # ``fn`` leaves bool tensors' dtype alone (``.half()``, ``.to(dtype)`` convert floating tensors only).
         super()._apply(fn, recurse)
         if self.support is not None:

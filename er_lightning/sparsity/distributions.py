@@ -47,6 +47,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from er_lightning.sparsity.checks import check_density
+
 __all__ = ["DENSITY_METHODS", "Densities", "expected_density", "layer_densities"]
 
 Densities = dict[str, float]
@@ -62,13 +64,6 @@ def _finite_real(value: object) -> float | None:
         return None
     out = float(value)
     return out if math.isfinite(out) else None
-
-
-def _check_density(density: object) -> float:
-    value = _finite_real(density)
-    if value is None or not 0.0 < value <= 1.0:
-        raise ValueError(f"density must be a finite number in (0, 1], got {density!r}")
-    return value
 
 
 def _check_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
@@ -287,7 +282,7 @@ def layer_densities(
     """
     if method not in DENSITY_METHODS:
         raise ValueError(f"unknown density method {method!r}; valid: {', '.join(DENSITY_METHODS)}")
-    d = _check_density(density)
+    d = check_density(density)
     checked = _check_shapes(shapes)
     power = _finite_real(power_scale)
     if power is None or power < 0.0:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from er_lightning.sparsity.checks import check_int
 from er_lightning.sparsity.topk import exact_count
 
 __all__ = ["SAMPLING_MODES", "Sampling", "layer_generator", "resample_like", "sample_mask", "sample_masks"]
@@ -39,14 +40,6 @@ def _splitmix64(x: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
-
-
-def _check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def layer_generator(seed: int, layer_index: int, step: int = 0) -> torch.Generator:
@@ -68,11 +61,11 @@ def layer_generator(seed: int, layer_index: int, step: int = 0) -> torch.Generat
         TypeError: an argument is not an int.
         ValueError: ``seed`` is out of range, ``layer_index`` or ``step`` is negative.
     """
-    _check_int("seed", seed)
+    check_int(seed, "seed", minimum=None)
     if not -(1 << 63) <= seed < (1 << 64):
         raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
-    _check_int("layer_index", layer_index, minimum=0)
-    _check_int("step", step, minimum=0)
+    check_int(layer_index, "layer_index", minimum=0)
+    check_int(step, "step", minimum=0)
     h = _splitmix64(seed & _MASK64)
     h = _splitmix64(h ^ (step & _MASK64))
     h = _splitmix64(h ^ (layer_index & _MASK64))
@@ -190,8 +183,8 @@ def sample_masks(
         name: (_check_shape(repr(name), s), _check_layer_density(repr(name), densities[name]))
         for name, s in shapes.items()
     }
-    _check_int("seed", seed)
-    _check_int("step", step, minimum=0)
+    check_int(seed, "seed", minimum=None)
+    check_int(step, "step", minimum=0)
     return {
         name: sample_mask(dims, d, generator=layer_generator(seed, index, step), sampling=mode)
         for index, (name, (dims, d)) in enumerate(checked.items())

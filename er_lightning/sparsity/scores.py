@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from er_lightning.sparsity.checks import check_density, check_int
 from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
 
 __all__ = [
@@ -131,22 +132,6 @@ def _check_masks(model: nn.Module, masks: Mapping[str, Tensor] | None) -> dict[s
     return out
 
 
-def _check_density(density: float) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density must be a float in (0, 1], got {density!r}")
-    if not 0.0 < float(density) <= 1.0:  # also rejects NaN
-        raise ValueError(f"density must be in (0, 1] (the fraction of weights kept), got {density}")
-    return float(density)
-
-
-def _check_positive_int(value: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be >= 1, got {value}")
-    return value
-
-
 def _check_scope(scope: str) -> None:
     if scope not in _SCOPES:
         raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
@@ -226,7 +211,7 @@ def _mask_scores_(scores: dict[str, Tensor], masks: Mapping[str, Tensor]) -> Non
 
 
 def _collect_batches(batches: Iterable[Batch] | None, num_batches: int, criterion: str) -> list[Batch]:
-    num_batches = _check_positive_int(num_batches, "num_batches")
+    num_batches = check_int(num_batches, "num_batches")
     if batches is None:
         raise ValueError(
             f"{criterion} is data-driven and needs training batches: pass batches=(an iterable of "
@@ -649,7 +634,7 @@ def score_masks(
     Raises:
         ValueError: ``density`` outside (0, 1], unknown ``scope``, or more entries asked than ``masks`` keep.
     """
-    density = _check_density(density)
+    density = check_density(density)
     _check_scope(scope)
     _check_scores(scores)
     candidates = None
@@ -702,8 +687,8 @@ def synflow_masks(
             above what ``masks`` keep.
     """
     _check_model(model)
-    density = _check_density(density)
-    rounds = _check_positive_int(rounds, "rounds")
+    density = check_density(density)
+    rounds = check_int(rounds, "rounds")
     _check_scope(scope)
     shape = _check_input_shape(input_shape)
     params = _check_names(model, names)
@@ -825,7 +810,7 @@ def prune_at_init(
         ValueError: unknown criterion, ``density`` outside (0, 1], ``rounds < 1`` and the scorers' errors.
     """
     _check_criterion(criterion)
-    density = _check_density(density)
+    density = check_density(density)
     _check_scope(scope)
     if criterion == "synflow":
         return synflow_masks(

@@ -1,0 +1,42 @@
+"""Argument checks shared by every layer: one message format for the same mistake everywhere.
+
+Each check returns the validated value and raises ``TypeError`` (wrong kind) or ``ValueError`` (out of range),
+saying what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+__all__ = ["check_choice", "check_density", "check_int"]
+
+
+def check_density(value: object, what: str = "density") -> float:
+    """A finite number in (0, 1], the fraction of weights kept (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(
+            f"{what} must be a finite number in (0, 1] (the fraction of weights kept), got {value!r}"
+        )
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            f"{what} must be a finite number in (0, 1] (the fraction of weights kept), got {value!r}"
+        )
+    return float(value)
+
+
+def check_int(value: object, what: str, minimum: int | None = 1) -> int:
+    """An ``int`` (bools rejected), at least ``minimum`` unless that is ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(value: object, what: str, allowed: Sequence[str]) -> str:
+    """One of ``allowed``; the message lists them."""
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
+    return str(value)
