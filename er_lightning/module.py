@@ -123,7 +123,11 @@ def lr_multiplier(
 
 
 class SparseLightningModule(pl.LightningModule):
-    """Image classifier around any backbone: cross-entropy, top-1/top-5 accuracy, SGD/Adam/AdamW, LR schedule.
+    """Classifier around any backbone: cross-entropy, top-1/top-5 accuracy, SGD/Adam/AdamW, LR schedule.
+
+    The backbone returns logits (N, C) for targets (N,), or per-position logits (N, T, C) for targets (N, T) (a
+    language model's next tokens, e.g. ``backbone="transformer_lm"``): loss and accuracies are then taken over all
+    N·T positions.
 
     The learning rate is set per optimiser step by a ``LambdaLR`` (:func:`lr_multiplier`) whose length comes from
     ``trainer.estimated_stepping_batches`` and ``trainer.max_epochs``. Defaults follow upstream ER_DST
@@ -270,7 +274,7 @@ class SparseLightningModule(pl.LightningModule):
         return self.model(x)
 
     def sparsifiable_parameters(self) -> list[str]:
-        """FQNs of the parameters a sparsity callback may mask: every conv and linear ``weight``.
+        """FQNs of the parameters a sparsity callback may mask: every weight a matmul or convolution consumes.
 
         Names are as ``self.named_parameters()`` yields them, e.g. ``model.conv1.weight``. Callbacks ask this
         method; on other LightningModules they apply the same rule
@@ -282,6 +286,8 @@ class SparseLightningModule(pl.LightningModule):
     def _shared_step(self, batch: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch[0], batch[1]
         logits = self(x)
+        if logits.dim() == 3 and y.dim() == 2:  # per-position classes (a language model's next tokens)
+            logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         return loss, logits, y
 

@@ -25,13 +25,20 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
-from er_lightning.masking.masked import MaskedParams
-from er_lightning.masking.targets import default_targets, original_named_parameters, select_targets
+from er_lightning.masking.masked import MaskedParams, count_zeros
+from er_lightning.masking.targets import (
+    LARGE_SHARE,
+    default_targets,
+    large_dense_parameters,
+    original_named_parameters,
+    parameter_aliases,
+    select_targets,
+)
 from er_lightning.sparsity.checks import check_density
 from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
 from er_lightning.sparsity.flow import preserve_flow_
@@ -62,6 +69,10 @@ INIT_METHODS = ("default", "he_sparse", "looks_linear")
 # (which uses the plain seed, at step 0 for the initial draw and at the update step for DST growth).
 _INIT_STREAM = 0x9E3779B97F4A7C15
 _FLOW_STREAM = 0xC2B2AE3D27D4EB4F
+
+
+#: Mask-config keys added after ``FORMAT_VERSION`` 1, with the value a checkpoint without them was written with.
+_ADDED_CONFIG_DEFAULTS: dict[str, Any] = {"embeddings": False}
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -101,8 +112,13 @@ class SparsityCallback(Callback):
         sampling: ``"exact"`` keeps exactly ``round(d_l · n_l)`` entries per layer; ``"bernoulli"`` draws every
             entry independently (upstream).
         seed: seeds every random mask (with the layer index); independent of the global RNG.
-        include: glob patterns of parameter names to mask instead of the default (conv and linear weights).
+        include: glob patterns of parameter names to mask instead of the default (every weight a matmul or
+            convolution consumes: linear, conv, attention projections; see
+            :func:`~er_lightning.masking.targets.default_targets`).
         exclude: glob patterns of parameter names to leave dense.
+        embeddings: also mask ``nn.Embedding``/``nn.EmbeddingBag`` tables (off by default: a lookup multiplies
+            nothing, so masking a table saves memory, not compute; a table tied to a linear head is masked
+            either way, once).
         dense_first_layer: leave the first masked layer dense.
         dense_last_layer: leave the last masked layer dense (usually the classifier).
         redistribute: make layers that would exceed density 1 dense and spread the surplus (exact overall
@@ -133,6 +149,7 @@ class SparsityCallback(Callback):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -164,10 +181,13 @@ class SparsityCallback(Callback):
             raise ValueError(f"ortho_steps must be >= 1 and ortho_lr > 0, got {ortho_steps} and {ortho_lr}")
         if not math.isfinite(power_scale):
             raise ValueError(f"power_scale must be finite, got {power_scale}")
+        if not isinstance(embeddings, bool):
+            raise TypeError(f"embeddings must be a bool (mask embedding tables or not), got {embeddings!r}")
         self.sampling = sampling
         self.seed = seed
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
+        self.embeddings = embeddings
         self.dense_first_layer = dense_first_layer
         self.dense_last_layer = dense_last_layer
         self.redistribute = redistribute
@@ -187,6 +207,7 @@ class SparsityCallback(Callback):
         self.flow_repairs: dict[str, tuple[int, int]] = {}
         self._module_id: int | None = None
         self._logged_setup = False
+        self._step_hooks: list[Any] = []
 
     # ------------------------------------------------------------------ config
     def mask_config(self) -> dict[str, Any]:
@@ -198,6 +219,7 @@ class SparsityCallback(Callback):
             "seed": self.seed,
             "include": self.include,
             "exclude": self.exclude,
+            "embeddings": self.embeddings,
             "dense_first_layer": self.dense_first_layer,
             "dense_last_layer": self.dense_last_layer,
             "redistribute": self.redistribute,
@@ -206,11 +228,45 @@ class SparsityCallback(Callback):
         }
 
     # ------------------------------------------------------------------ targets and masks
-    @staticmethod
-    def candidate_names(pl_module: pl.LightningModule) -> list[str]:
-        """The module's own sparsifiable parameters if it declares them, else the default rule."""
+    def candidate_names(self, pl_module: pl.LightningModule) -> list[str]:
+        """The module's own sparsifiable parameters if it declares them, else the default rule.
+
+        With ``embeddings=True`` the embedding tables are added to either list.
+        """
         declared = getattr(pl_module, "sparsifiable_parameters", None)
-        return list(declared()) if callable(declared) else default_targets(pl_module)
+        if not callable(declared):
+            return default_targets(pl_module, embeddings=self.embeddings)
+        names = set(declared())
+        if self.embeddings:
+            names.update(default_targets(pl_module, embeddings=True))
+        order = [n for n, _ in pl_module.named_parameters()]
+        unknown = sorted(names - set(order))
+        if unknown:
+            raise ValueError(
+                f"{type(pl_module).__name__}.sparsifiable_parameters() names {unknown}, which are not in its "
+                f"named_parameters() (a tied tensor is named once, by its first name): {order}"
+            )
+        return [n for n in order if n in names]
+
+    def _warn_large_dense(self, pl_module: pl.LightningModule) -> None:
+        """Warn, listing them, about large tensors (>= 10 % of all parameters) the default rule leaves dense."""
+        if self.include:
+            return  # the user named the targets
+        large = large_dense_parameters(pl_module, self.candidate_names(pl_module))
+        if not large:
+            return
+        total = sum(p.numel() for p in pl_module.parameters())
+        listed = ", ".join(f"{n} ({k} = {k / total:.0%})" for n, k in large.items())
+        hint = (
+            "embeddings=True masks embedding tables; "
+            if any(isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) for m in pl_module.modules())
+            else ""
+        )
+        rank_zero_warn(
+            f"{type(self).__name__}: the default targets leave these large parameters dense (each holds >= "
+            f"{LARGE_SHARE:.0%} of the model's {total} parameters): {listed}. {hint}include=[...] names the "
+            "tensors to mask explicitly (glob patterns; list the defaults too), which also silences this warning"
+        )
 
     def select(self, pl_module: pl.LightningModule) -> list[str]:
         """FQNs of the parameters this callback masks (validated include/exclude patterns)."""
@@ -258,6 +314,7 @@ class SparsityCallback(Callback):
         # checkpoint's masks replace them when `ckpt_path` is given), but init, repairs and zeroing are skipped.
         fitting = stage == "fit"
         names = self.select(pl_module)
+        self._warn_large_dense(pl_module)
         params = dict(pl_module.named_parameters())
         shapes = {n: tuple(params[n].shape) for n in names}
         densities, masks = self.compute_masks(trainer, pl_module, shapes)
@@ -278,7 +335,7 @@ class SparsityCallback(Callback):
         self.sync_masks_(trainer)
         if fitting:
             self.masked.apply_()
-        self._log_table()
+        self._log_table(pl_module)
 
     def _check_single_sparsity_callback(self, trainer: pl.Trainer) -> None:
         others = [
@@ -342,6 +399,40 @@ class SparsityCallback(Callback):
         self.masked.apply_()
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
+        self.hook_manual_optimizers_(trainer, pl_module)
+
+    def hook_manual_optimizers_(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under manual optimization, zero masked gradients in a step pre-hook of every optimizer.
+
+        With ``automatic_optimization=False`` the module steps its optimizers itself (a GAN's two optimizers, a
+        step every k batches). Lightning still calls ``on_before_optimizer_step`` when the module steps through
+        the ``LightningOptimizer`` that ``self.optimizers()`` returns, but not when it steps the raw optimizer
+        (``self.optimizers(use_pl_optimizer=False)``). A ``torch.optim.Optimizer.register_step_pre_hook`` runs
+        before every ``step()`` whatever the caller, so masked weights stay exactly zero either way. The hooks are
+        removed at the end of fit. With automatic optimization nothing is hooked (the Lightning hook suffices).
+        """
+        self._remove_step_hooks()
+        if pl_module.automatic_optimization:
+            return
+        for optimizer in trainer.optimizers:
+            self._step_hooks.append(optimizer.register_step_pre_hook(self._mask_grads_pre_step))
+
+    def _mask_grads_pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.masked is not None:
+            self.masked.mask_grads_()
+
+    def _remove_step_hooks(self) -> None:
+        for handle in getattr(self, "_step_hooks", []):
+            handle.remove()
+        self._step_hooks: list[Any] = []
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_step_hooks()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_step_hooks()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -370,21 +461,44 @@ class SparsityCallback(Callback):
 
     # ------------------------------------------------------------------ logging
     @rank_zero_only
-    def _log_table(self) -> None:
+    def _log_table(self, pl_module: torch.nn.Module) -> None:
         if self.masked is None:
             return
+        rank_zero_info(self.setup_table(pl_module))
+
+    def setup_table(self, pl_module: torch.nn.Module) -> str:
+        """The per-tensor table logged at ``setup``: target and actual density, kept weights; then two totals.
+
+        ``masked tensors`` sums the masks. ``whole model`` counts every parameter of ``pl_module`` once (a tied
+        tensor once, listed under all its names) and its nonzero entries as they are now, so it agrees with a count
+        of zeros over the model's ``state_dict`` (with shared tensors counted once): the masked zeros plus anything
+        else that is zero (e.g. zero-initialised biases).
+        """
+        assert self.masked is not None
         counts = self.masked.counts()
-        width = max(len(n) for n in counts)
+        aliases = parameter_aliases(pl_module)
+        labels = {n: " = ".join([n, *aliases.get(n, [])]) for n in counts}
+        width = max(len(s) for s in [*labels.values(), "masked tensors", "whole model"])
         lines = [f"{type(self).__name__}: {self.distribution} masks, target density {self.density}"]
         lines.append(f"{'parameter':<{width}}  {'shape':<20} {'target':>8} {'density':>8} {'kept':>10}")
         for name, (kept, total) in counts.items():
             shape = "x".join(str(s) for s in self.masked.masks[name].shape)
             target = self.target_densities.get(name, float("nan"))
-            lines.append(f"{name:<{width}}  {shape:<20} {target:>8.4f} {kept / total:>8.4f} {kept:>10d}")
+            lines.append(
+                f"{labels[name]:<{width}}  {shape:<20} {target:>8.4f} {kept / total:>8.4f} {kept:>10d}"
+            )
         kept_all = sum(k for k, _ in counts.values())
         total_all = sum(t for _, t in counts.values())
-        lines.append(f"{'total':<{width}}  {'':<20} {'':>8} {kept_all / total_all:>8.4f} {kept_all:>10d}")
-        rank_zero_info("\n".join(lines))
+        lines.append(
+            f"{'masked tensors':<{width}}  {f'{total_all} weights':<20} {'':>8} {kept_all / total_all:>8.4f} "
+            f"{kept_all:>10d}"
+        )
+        zeros, numel = count_zeros(pl_module)
+        lines.append(
+            f"{'whole model':<{width}}  {f'{numel} parameters':<20} {'':>8} {(numel - zeros) / max(numel, 1):>8.4f} "
+            f"{numel - zeros:>10d}  ({zeros} zero)"
+        )
+        return "\n".join(lines)
 
     @rank_zero_only
     def log_densities(
@@ -455,6 +569,8 @@ class SparsityCallback(Callback):
             )
         saved = state_dict["config"]
         current = self.mask_config()
+        # keys added after format_version 1 read their default from older checkpoints
+        saved = {**_ADDED_CONFIG_DEFAULTS, **saved}
         diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())

@@ -293,8 +293,8 @@ class DynamicSparsity(SparsityCallback):
             so an update really changes the topology.
         input_shape: shape of one input sample without the batch dimension, for ``prune="synflow"``; by default
             taken from ``pl_module.example_input_array`` or from the first training batch.
-        distribution, sampling, seed, include, exclude, dense_first_layer, dense_last_layer, redistribute,
-        power_scale, custom_densities, init, flow_preservation, ortho_repair, ortho_steps, ortho_lr,
+        distribution, sampling, seed, include, exclude, embeddings, dense_first_layer, dense_last_layer,
+        redistribute, power_scale, custom_densities, init, flow_preservation, ortho_repair, ortho_steps, ortho_lr,
         rezero_every_step, verify_masks, log_layer_densities: the initial ER mask and engine options, exactly as
             in :class:`~er_lightning.callbacks.base.SparsityCallback`.
 
@@ -329,6 +329,7 @@ class DynamicSparsity(SparsityCallback):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -350,6 +351,7 @@ class DynamicSparsity(SparsityCallback):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,
@@ -787,6 +789,7 @@ class RigL(DynamicSparsity):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -814,6 +817,7 @@ class RigL(DynamicSparsity):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,
@@ -912,6 +916,7 @@ class GraNet(RigL):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -940,6 +945,7 @@ class GraNet(RigL):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,
@@ -1004,6 +1010,7 @@ class GMP(DynamicSparsity):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -1029,6 +1036,7 @@ class GMP(DynamicSparsity):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,

@@ -175,7 +175,7 @@ class SoftThreshold(SparsityCallback):
             wrote its per-layer sparsity file), e.g. for a later ``str_induced`` run from the command line.
         masks_out: when set, :meth:`export_masks` (Ŵ ≠ 0) writes there at the end of training.
         sampling: see :class:`~er_lightning.callbacks.base.SparsityCallback` (also ``seed``, ``include``,
-            ``exclude``, ``dense_first_layer``, ``dense_last_layer``, ``redistribute``, ``power_scale``,
+            ``exclude``, ``embeddings``, ``dense_first_layer``, ``dense_last_layer``, ``redistribute``, ``power_scale``,
             ``custom_densities``, ``flow_preservation``, ``ortho_repair``, ``ortho_steps``, ``ortho_lr``,
             ``rezero_every_step``, ``verify_masks``, ``log_layer_densities``).
         init: as the base class, plus ``"kaiming_normal"``: re-draw the masked weights from N(0, 2 / fan_in)
@@ -222,6 +222,7 @@ class SoftThreshold(SparsityCallback):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -249,6 +250,7 @@ class SoftThreshold(SparsityCallback):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,
@@ -421,6 +423,7 @@ class SoftThreshold(SparsityCallback):
         self.masked.apply_()
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
+        self.hook_manual_optimizers_(trainer, pl_module)
         in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         untrained = [fqn for fqn, (_, _, p) in self._layers.items() if id(p.threshold) not in in_optimizer]
         if untrained:

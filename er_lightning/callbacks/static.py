@@ -100,7 +100,7 @@ class StaticSparsity(SparsityCallback):
         rounds: SynFlow prune-rescore rounds, >= 1 (100 in the SynFlow paper).
         double: compute SynFlow in float64 (deep networks can overflow float32).
         **kwargs: the arguments of :class:`~er_lightning.callbacks.base.SparsityCallback` (``sampling``, ``seed``,
-            ``include``, ``exclude``, ``dense_first_layer``, ``init``, ``flow_preservation``, ...).
+            ``include``, ``exclude``, ``embeddings``, ``dense_first_layer``, ``init``, ``flow_preservation``, ...).
 
     Raises:
         ValueError: unknown distribution or placement, ``placement="scores"`` with a density rule or with a
@@ -133,6 +133,7 @@ class StaticSparsity(SparsityCallback):
         seed: int = 0,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -154,6 +155,7 @@ class StaticSparsity(SparsityCallback):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,

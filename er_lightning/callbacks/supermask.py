@@ -114,6 +114,7 @@ class Supermask(SparsityCallback):
             parameters, unscored biases, unmasked layers). ``False`` lets the optimizer train them.
         include: glob patterns of parameter names to mask instead of the default (weights with >= 2 dims only).
         exclude: glob patterns of parameter names to leave unmasked (they stay dense and frozen by default).
+        embeddings: also mask embedding tables (see :class:`~er_lightning.callbacks.base.SparsityCallback`).
         dense_first_layer: leave the first masked layer unmasked.
         dense_last_layer: leave the last masked layer unmasked.
         redistribute: see :class:`~er_lightning.callbacks.base.SparsityCallback` (ER mask rule).
@@ -158,6 +159,7 @@ class Supermask(SparsityCallback):
         freeze_other_parameters: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        embeddings: bool = False,
         dense_first_layer: bool = False,
         dense_last_layer: bool = False,
         redistribute: bool = True,
@@ -174,6 +176,7 @@ class Supermask(SparsityCallback):
             seed=seed,
             include=include,
             exclude=exclude,
+            embeddings=embeddings,
             dense_first_layer=dense_first_layer,
             dense_last_layer=dense_last_layer,
             redistribute=redistribute,

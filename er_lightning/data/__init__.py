@@ -1,4 +1,4 @@
-"""LightningDataModules for the experiments: CIFAR-10/100, Tiny-ImageNet and the bundled digits demo.
+"""LightningDataModules for the experiments: CIFAR-10/100, Tiny-ImageNet, the bundled digits demo and synthetic data.
 
 These modules import nothing from the rest of ``er_lightning``: any data module trains any model, sparse or dense.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from er_lightning.data.cifar import CIFAR10_STATS, CIFAR100_STATS, CIFAR10DataModule, CIFAR100DataModule
 from er_lightning.data.digits import DIGITS_MEAN, DIGITS_STD, DigitsDataModule
+from er_lightning.data.synthetic import SyntheticImagesDataModule, SyntheticTokensDataModule
 from er_lightning.data.tiny_imagenet import TINY_IMAGENET_STATS, TinyImageNetDataModule
 
 __all__ = [
@@ -18,5 +19,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DigitsDataModule",
+    "SyntheticImagesDataModule",
+    "SyntheticTokensDataModule",
     "TinyImageNetDataModule",
 ]

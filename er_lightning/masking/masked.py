@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MaskedParams", "zero_optimizer_state_"]
+__all__ = ["MaskedParams", "count_zeros", "zero_optimizer_state_"]
 
 
 class MaskedParams:
@@ -130,6 +130,28 @@ class MaskedParams:
     def state_masks(self) -> dict[str, Tensor]:
         """Copies of the masks on CPU, for checkpoints."""
         return {n: m.detach().to("cpu", copy=True) for n, m in self.masks.items()}
+
+
+@torch.no_grad()
+def count_zeros(model: nn.Module) -> tuple[int, int]:
+    """``(zero entries, all entries)`` over the parameters of ``model``, each shared tensor counted once.
+
+    This is what a count over ``model.state_dict()`` gives when its parameter entries are deduplicated by tensor
+    (a tied embedding and head are one tensor under two keys); buffers (BN statistics) are not parameters and are
+    not counted. Synchronises with the device.
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> with torch.no_grad():
+        ...     _ = lin.weight[0].zero_()
+        >>> count_zeros(lin)[0] >= 3
+        True
+    """
+    params = list(model.parameters())  # parameters() yields each tensor once
+    if not params:
+        return 0, 0
+    zeros = torch.stack([(p == 0).sum() for p in params]).sum()
+    return int(zeros), sum(p.numel() for p in params)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from torch import nn
 from er_lightning.models.resnet20 import resnet20
 from er_lightning.models.resnet_cifar import resnet18, resnet34, resnet50
 from er_lightning.models.small import small_cnn
+from er_lightning.models.transformer import ViT, transformer_lm
 from er_lightning.models.vgg import vgg16, vgg19
 
 __all__ = ["MODEL_NAMES", "create_model"]
@@ -23,6 +24,8 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "vgg16": vgg16,
     "vgg19": vgg19,
     "small_cnn": small_cnn,
+    "transformer_lm": transformer_lm,
+    "vit": ViT,
 }
 
 #: Names accepted by :func:`create_model` (matched case-insensitively).

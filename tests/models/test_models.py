@@ -228,7 +228,17 @@ def test_in_channels_option() -> None:
 
 def test_model_names_and_registry() -> None:
     assert isinstance(MODEL_NAMES, tuple)
-    assert set(MODEL_NAMES) == {"resnet18", "resnet34", "resnet50", "resnet20", "vgg16", "vgg19", "small_cnn"}
+    assert set(MODEL_NAMES) == {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet20",
+        "vgg16",
+        "vgg19",
+        "small_cnn",
+        "transformer_lm",
+        "vit",
+    }
     assert isinstance(create_model("ResNet18", 10), ResNetCIFAR)  # upstream's spelling works too
     assert isinstance(create_model("vgg19", 10), VGG)
     assert isinstance(create_model("resnet20", 10), ResNet20)

@@ -1,0 +1,192 @@
+"""Callbacks on models a user brings: a transformer LM with a tied head, large dense tensors, manual optimization."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import make_trainer
+from torch import nn
+
+from er_lightning import SparseLightningModule
+from er_lightning.callbacks import RigL, StaticSparsity
+from er_lightning.data import SyntheticTokensDataModule
+from er_lightning.masking.masked import count_zeros
+from er_lightning.sparsity import layer_densities
+from er_lightning.sparsity.topk import exact_count
+
+LM_TARGETS = [
+    "model.token.weight",
+    "model.position.weight",
+    "model.blocks.0.attn.in_proj_weight",
+    "model.blocks.0.attn.out_proj.weight",
+    "model.blocks.0.fc1.weight",
+    "model.blocks.0.fc2.weight",
+]
+
+
+def _lm(**kwargs) -> SparseLightningModule:  # noqa: ANN003
+    torch.manual_seed(0)
+    model_kwargs = {"seq_len": 8, "dim": 16, "depth": 1, "heads": 2, **kwargs}
+    return SparseLightningModule(
+        "transformer_lm", num_classes=32, model_kwargs=model_kwargs, optimizer="adam", lr=1e-2
+    )
+
+
+def _tokens() -> SyntheticTokensDataModule:
+    return SyntheticTokensDataModule(vocab_size=32, seq_len=8, num_train=64, num_val=16, batch_size=16)
+
+
+def _state_dict_zeros(module: nn.Module) -> tuple[int, int]:
+    """Zeros over the parameter entries of state_dict, a tensor shared by several keys counted once."""
+    params = {id(p) for p in module.parameters()}
+    unique = {id(t): t for t in module.state_dict(keep_vars=True).values() if id(t) in params}
+    return sum(int((t == 0).sum()) for t in unique.values()), sum(t.numel() for t in unique.values())
+
+
+@pytest.mark.parametrize(
+    ("callback", "distribution"),
+    [(StaticSparsity, "uniform"), (StaticSparsity, "erk"), (RigL, "erk")],
+)
+def test_tied_lm_masks_every_matmul_and_embedding_weight_once(tmp_path, caplog, callback, distribution):
+    module = _lm()
+    kwargs = {"update_every_steps": 2} if callback is RigL else {}
+    cb = callback(density=0.1, distribution=distribution, embeddings=True, seed=1, **kwargs)
+    trainer = make_trainer(tmp_path, [cb], max_steps=4)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, datamodule=_tokens())
+    assert cb.masked.names == LM_TARGETS  # head.weight is token.weight: one target, one mask
+    assert module.model.head.weight is module.model.token.weight
+    params = dict(module.named_parameters())
+    shapes = {n: tuple(params[n].shape) for n in LM_TARGETS}
+    expected = layer_densities(shapes, 0.1, distribution)
+    kept_all = 0
+    for name in LM_TARGETS:
+        mask = cb.masked.masks[name]
+        assert int(mask.sum()) == exact_count(expected[name], mask.numel())  # exact count per tensor
+        assert (params[name][~mask] == 0).all()
+        kept_all += int(mask.sum())
+    numel_all = sum(params[n].numel() for n in LM_TARGETS)
+    assert abs(kept_all - 0.1 * numel_all) <= len(LM_TARGETS) / 2  # rounding of one count per tensor
+    # the setup table lists the tied tensor under both names, and its whole-model line matches state_dict
+    table = next(r.getMessage() for r in caplog.records if "whole model" in r.getMessage())
+    assert "model.token.weight = model.model.head.weight" not in table
+    assert "model.token.weight = model.head.weight" in table
+    line = re.search(r"whole model\s+(\d+) parameters\s+([\d.]+)\s+(\d+)\s+\((\d+) zero\)", table)
+    assert line is not None
+    total, nonzero, zeros = int(line.group(1)), int(line.group(3)), int(line.group(4))
+    assert total == sum(p.numel() for p in module.parameters())
+    assert nonzero + zeros == total
+    masked_line = re.search(r"masked tensors\s+(\d+) weights\s+([\d.]+)\s+(\d+)", table)
+    assert int(masked_line.group(1)) == numel_all
+    assert int(masked_line.group(3)) == kept_all
+
+
+def test_whole_model_line_agrees_with_state_dict_zeros(tmp_path):
+    module = _lm()
+    cb = StaticSparsity(density=0.2, distribution="erk", embeddings=True)
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.strategy.connect(module)
+    module.trainer = trainer  # type: ignore[misc]
+    cb.setup(trainer, module, "fit")
+    table = cb.setup_table(module)
+    zeros, total = _state_dict_zeros(module)
+    assert count_zeros(module) == (zeros, total)
+    assert f"{total} parameters" in table
+    assert f"{total - zeros:>10d}  ({zeros} zero)" in table
+    masked_zeros = sum(int((~m).sum()) for m in cb.masked.masks.values())
+    assert zeros >= masked_zeros  # masked zeros, plus zero-initialised biases
+
+
+def test_large_dense_tensors_are_listed_in_a_warning(tmp_path):
+    module = SparseLightningModule(
+        "transformer_lm",
+        num_classes=512,
+        model_kwargs={"seq_len": 8, "dim": 16, "depth": 1, "heads": 2, "tie_weights": False},
+    )
+    for embeddings, warns in ((False, True), (True, False)):
+        cb = StaticSparsity(density=0.1, embeddings=embeddings)
+        trainer = make_trainer(tmp_path, [cb])
+        trainer.strategy.connect(module)
+        module.trainer = trainer  # type: ignore[misc]
+        with pytest.warns(UserWarning) if warns else _no_warning() as record:
+            cb.setup(trainer, module, "fit")
+        if warns:
+            text = " ".join(str(w.message) for w in record)
+            assert "model.token.weight (8192 = " in text
+            assert "embeddings=True" in text
+        module = SparseLightningModule(
+            "transformer_lm",
+            num_classes=512,
+            model_kwargs={"seq_len": 8, "dim": 16, "depth": 1, "heads": 2, "tie_weights": False},
+        )
+
+
+class _no_warning:  # noqa: N801 - used as a context manager like pytest.warns
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("error", message=".*leave these large parameters dense.*")
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------- manual optimization
+class TwoOptimizers(pl.LightningModule):
+    """A GAN-shaped module: two nets, two Adam optimizers, stepped by hand in training_step."""
+
+    def __init__(self, raw_optimizer: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.raw_optimizer = raw_optimizer
+        self.steps = 0
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        (z,) = batch
+        opt_g, opt_d = self.optimizers(use_pl_optimizer=not self.raw_optimizer)
+        fake = self.gen(z)
+        loss_d = self.disc(fake.detach()).mean() - self.disc(torch.randn_like(fake)).mean()
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        loss_g = -self.disc(self.gen(z)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.steps += 2
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return (
+            torch.optim.Adam(self.gen.parameters(), lr=1e-2),
+            torch.optim.Adam(self.disc.parameters(), lr=1e-2, weight_decay=0.1),
+        )
+
+
+@pytest.mark.parametrize("raw_optimizer", [False, True])
+def test_manual_optimization_with_two_optimizers_keeps_masks_exact(tmp_path, raw_optimizer):
+    torch.manual_seed(0)
+    module = TwoOptimizers(raw_optimizer)
+    cb = StaticSparsity(density=0.3, distribution="erk")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 4)), batch_size=8)
+    trainer = make_trainer(tmp_path, [cb], max_steps=-1, max_epochs=2)
+    trainer.fit(module, train_dataloaders=loader)
+    assert module.steps == 16
+    assert cb.masked.names == ["gen.0.weight", "gen.2.weight", "disc.0.weight", "disc.2.weight"]
+    params = dict(module.named_parameters())
+    for name, mask in cb.masked.masks.items():
+        p = params[name]
+        assert (p[~mask] == 0).all(), name
+        assert (p[mask] != 0).any()
+        for opt in trainer.optimizers:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if p in opt.state:
+                    assert (opt.state[p][key][~mask] == 0).all(), (name, key)
+    assert cb._step_hooks == []  # removed at the end of fit
