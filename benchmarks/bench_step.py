@@ -151,6 +151,13 @@ def build_variants(args: argparse.Namespace, dynamic_only: bool = False) -> list
                     f"RigL f={f}", lambda: [rigl(density=d, update_every_steps=probe, stop_updates_at=1.0)], f
                 )
             )
+        variants.append(
+            Variant(
+                "RigL-momentum f=100",
+                lambda: [rigl(density=d, update_every_steps=probe, stop_updates_at=1.0, growth="momentum")],
+                100,
+            )
+        )
     if granet is not None:
         for f in periods:
             variants.append(
@@ -245,12 +252,33 @@ def run(args: argparse.Namespace, dynamic_only: bool = False) -> list[dict[str, 
                     masked_weights += m.numel()
         row["mask_bytes_per_weight"] = mask_bytes / masked_weights if masked_weights else None
         row["ms_mask_op"] = _time_mask_op(v.callbacks, device)
+        row["ms_momentum_op"] = _time_momentum_op(v.callbacks, device)
         row["peak_mib"] = v.peak_bytes / 2**20 if v.peak_bytes else None
         rows.append(row)
     for row in rows:
         ref = row.get("ms_amortised", row["ms_step"])
         row["ratio"] = ref / dense_median if dense_median else float("nan")
     return rows
+
+
+def _time_momentum_op(callbacks: list[Callback], device: torch.device, repeats: int = 20) -> float | None:
+    """Median ms of momentum growth's per-step op (one fused lerp of the dense-gradient average), timed alone."""
+    for cb in callbacks:
+        bufs = getattr(cb, "grad_momentum", None)
+        masked = getattr(cb, "masked", None)
+        if bufs is None or masked is None:
+            continue
+        work = [b.clone() for b in bufs.values()]
+        grads = [p.detach().clone() for p in masked.params]  # stand-ins for the dense gradients
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            torch._foreach_lerp_(work, grads, 0.1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+    return None
 
 
 def _time_mask_op(callbacks: list[Callback], device: torch.device, repeats: int = 20) -> float | None:
@@ -336,6 +364,9 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     dense = rows[0]["ms_step"]
+    for r in rows:
+        if r.get("ms_momentum_op") is not None:
+            print(f"# {r['variant']}: dense-gradient momentum lerp alone {r['ms_momentum_op']:.2f} ms/step")
     for r in rows:
         op = r["ms_mask_op"]
         op_txt = "–" if op is None else f"{op:.1f} ({100 * op / dense:.1f} %)"

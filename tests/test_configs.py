@@ -66,3 +66,29 @@ def test_str_seed_yaml(tmp_path, monkeypatch):
     assert (cb.density, cb.distribution) == (0.3, "balanced")
     assert cli.model.hparams.label_smoothing == 0.1
     assert cli.trainer.max_epochs == 100
+
+
+def test_rigl_config_decays_to_zero_at_the_stop(tmp_path, monkeypatch):
+    from er_lightning.callbacks import RigL
+    from er_lightning.sparsity.schedules import CosineDrop
+
+    cli = _build("configs/er_dst/rigl_resnet18_cifar10_pyramidal.yaml", tmp_path, monkeypatch)
+    cb = _only(cli, RigL)
+    assert cb.drop_schedule == CosineDrop(0.3, floor=0.0, until="stop") and cb.stop_updates_at == 0.75
+    # 72,000 steps, stop at 54,000: half-way to the stop the fraction is 0.15, at the last update (53,900) ~0
+    assert cb.drop_schedule(27_000, 72_000, stop_step=54_000) == pytest.approx(0.15)
+    assert cb.drop_schedule(53_900, 72_000, stop_step=54_000) < 1e-4
+
+
+def test_set_config_comment_constant_drop_parses(tmp_path, monkeypatch):
+    """The SET config says `drop_fraction: {value: 0.3}` is a ConstantDrop: check that it parses so."""
+    from er_lightning.callbacks import SET
+    from er_lightning.sparsity.schedules import ConstantDrop
+
+    text = (ROOT / "configs/er_dst/set_resnet18_cifar10_erk.yaml").read_text()
+    assert "drop_fraction: 0.5\n" in text and "`drop_fraction: {value: 0.3}`" in text
+    edited = tmp_path / "set.yaml"
+    edited.write_text(text.replace("drop_fraction: 0.5\n", "drop_fraction: {value: 0.3}\n"))
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(edited)], run=False)
+    assert _only(cli, SET).drop_schedule == ConstantDrop(0.3)

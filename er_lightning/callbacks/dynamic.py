@@ -83,7 +83,6 @@ __all__ = [
     "RigL",
     "UpdateRecord",
     "drop_and_grow",
-    "momentum_scores",
 ]
 
 PruneScore = Literal["magnitude", "synflow"]
@@ -156,67 +155,6 @@ def drop_and_grow(
     return LayerUpdate(keep | grown, dropped, grown)
 
 
-def momentum_scores(optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor) -> Tensor:
-    """Growth scores from the optimizer's momentum, as it will be after this step's gradient.
-
-    * SGD-like (a ``momentum`` hyper-parameter): ``|μ·buf + (1 − dampening)·g|`` from ``momentum_buffer``.
-    * Adam-like (``betas``): ``|m'| / (√v' + ε)`` with ``m' = β₁m + (1 − β₁)g``, ``v' = β₂v + (1 − β₂)g²`` from
-      ``exp_avg``/``exp_avg_sq`` (upstream's ``exp_avg/(√exp_avg_sq + ε)``, one step ahead).
-
-    The state is combined with the current gradient because, with masked gradients, the optimizer state of an
-    inactive weight is exactly 0 (upstream also masks momentum): read alone it would rank every inactive position
-    equal. On positions that were never active the ranking therefore equals ``|g|``'s (for Adam up to the ε term);
-    it differs where the state is nonzero (weights dropped in this update, with ``allow_regrow_dropped``).
-
-    Raises:
-        ValueError: ``param`` is not in ``optimizer``, or its group keeps no momentum.
-    """
-    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
-    if group is None:
-        raise ValueError(f"growth='momentum': the parameter is not optimised by {type(optimizer).__name__}")
-    state = optimizer.state.get(param, {})
-    g = grad.detach()
-    if "betas" in group:
-        beta1, beta2 = group["betas"]
-        eps = float(group.get("eps", 1e-8))
-        m = state.get("exp_avg")
-        v = state.get("exp_avg_sq")
-        m1 = (1 - beta1) * g if m is None else beta1 * m + (1 - beta1) * g
-        v1 = (1 - beta2) * g * g if v is None else beta2 * v + (1 - beta2) * g * g
-        return m1.abs() / (v1.sqrt() + eps)
-    momentum = float(group.get("momentum", 0.0) or 0.0)
-    if momentum <= 0:
-        raise ValueError(
-            f"growth='momentum' needs momentum, but {type(optimizer).__name__} has momentum={momentum}; "
-            "set momentum > 0 or use growth='gradient'"
-        )
-    buf = state.get("momentum_buffer")
-    step_g = (1 - float(group.get("dampening", 0.0))) * g
-    return step_g.abs() if buf is None else (momentum * buf + step_g).abs()
-
-
-def _check_optimizer_momentum(optimizers: list[torch.optim.Optimizer], params: list[Tensor]) -> None:
-    """Raise unless every parameter in ``params`` sits in a group that keeps momentum (SGD μ > 0 or Adam-like)."""
-    ids = {id(p) for p in params}
-    found = False
-    for opt in optimizers:
-        for i, group in enumerate(opt.param_groups):
-            if not any(id(p) in ids for p in group["params"]):
-                continue
-            found = True
-            if "betas" in group:
-                continue
-            momentum = group.get("momentum")
-            if momentum is None or float(momentum) <= 0:
-                raise ValueError(
-                    f"growth='momentum' needs an optimizer with momentum, but {type(opt).__name__} param group {i} "
-                    f"has momentum={momentum}; set momentum > 0 (SGD), use an Adam-type optimizer, or use "
-                    "growth='gradient'"
-                )
-    if not found:
-        raise ValueError("growth='momentum': no optimizer holds the masked parameters")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,7 +192,7 @@ def _schedule_config(schedule: DropSchedule | None) -> dict[str, Any] | None:
 
 @dataclass
 class UpdateRecord:
-    """What the last mask update did; kept from the update until the end of that training batch.
+    """What the last mask update did; kept until the next update (``DynamicSparsity.last_update``).
 
     Attributes:
         step: ``trainer.global_step`` of the update (it ran before optimizer step ``step + 1``).
@@ -283,14 +221,16 @@ class DynamicSparsity(SparsityCallback):
         drop_fraction: share of each layer's active weights replaced per update. A number ``p0`` in [0, 1) means
             cosine decay from ``p0`` to 0.005 over the whole run (upstream); or pass a schedule object
             (:class:`~er_lightning.sparsity.schedules.CosineDrop`, ``ConstantDrop``, ``LinearDrop``; in YAML a
-            mapping with their fields, e.g. ``{value: 0.3}`` for a constant).
+            mapping with their fields, e.g. ``{value: 0.3}`` for a constant). The RigL paper's cosine, which
+            reaches 0 when updates stop, is ``CosineDrop(0.3, floor=0.0, until="stop")``
+            (``{initial: 0.3, floor: 0.0, until: stop}``).
         stop_updates_at: fraction of training (of ``trainer.estimated_stepping_batches``) after which
             prune-and-regrow stops, in (0, 1]; RigL's 0.75 by default, 1 updates to the end.
         prune: score that decides which active weights go: ``"magnitude"`` (``|W|``) or ``"synflow"`` (data-free
             SynFlow, Tanaka et al. arXiv:2006.05467, computed on a copy of the module only at update steps; needs
             the input shape, see ``input_shape``). Upstream's "SynFlow" is really ``|g·W|`` (quirk Q10).
-        allow_regrow_dropped: let growth pick weights removed in the same update (upstream does); off by default,
-            so an update really changes the topology.
+        allow_regrow_dropped: let growth pick weights removed in the same update, by the drop or by gradual
+            pruning (upstream does); off by default, so an update really changes the topology.
         input_shape: shape of one input sample without the batch dimension, for ``prune="synflow"``; by default
             taken from ``pl_module.example_input_array`` or from the first training batch.
         distribution, sampling, seed, include, exclude, embeddings, dense_first_layer, dense_last_layer,
@@ -396,7 +336,6 @@ class DynamicSparsity(SparsityCallback):
         self._last_update_step = -1
         self._pending_stats: tuple[list[Tensor], dict[str, float]] | None = None
         self._seen_input_shape: list[int] | None = None
-        self._optimizer: torch.optim.Optimizer | None = None
         self._warned_no_grad = False
         self._synflow: dict[str, Tensor] | None = None
         self.last_update: UpdateRecord | None = None
@@ -548,7 +487,6 @@ class DynamicSparsity(SparsityCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._pending_stats is not None:
             pending, self._pending_stats = self._pending_stats, None
-            self.last_update = None
             self._log_update(trainer, *pending)
 
     # ------------------------------------------------------------------ the update
@@ -572,11 +510,9 @@ class DynamicSparsity(SparsityCallback):
         if not (pruning or regrow):
             return
         self._last_update_step = step
-        self._optimizer = optimizer
         try:
             self._update(trainer, pl_module, step, pruning, regrow)
         finally:
-            self._optimizer = None
             self._synflow = None
 
     def _compute_synflow(self, pl_module: pl.LightningModule) -> None:
@@ -620,10 +556,9 @@ class DynamicSparsity(SparsityCallback):
                 self.sync_masks_(trainer)
 
         local_grown: dict[str, Tensor] = {}
-        local_dropped: dict[str, Tensor] = {}
         if regrow:
             assert self.drop_schedule is not None
-            fraction = float(self.drop_schedule(step, self._total_steps))
+            fraction = float(self.drop_schedule(step, self._total_steps, stop_step=self._stop_step))
             if self.prune == "synflow":
                 with torch.enable_grad():
                     self._compute_synflow(pl_module)
@@ -643,31 +578,28 @@ class DynamicSparsity(SparsityCallback):
                     self.drop_scores(name, p.data, grad, step),
                     self.grow_scores(name, p.data, grad, step),
                     n_drop,
-                    exclude=before[name] & ~mask,
+                    # weights gradual pruning removed in this update may come back only on request (upstream)
+                    exclude=None if self.allow_regrow_dropped else before[name] & ~mask,
                     allow_regrow_dropped=self.allow_regrow_dropped,
                 )
                 masked.set_mask_(name, result.mask)
                 local_grown[name] = result.grown
-                local_dropped[name] = result.dropped
 
         self.sync_masks_(trainer)
         if self.allow_regrow_dropped and local_grown:
-            # which dropped weights came back is not visible in the masks: take rank 0's choice as well
-            device = trainer.strategy.root_device
-            broadcast_masks_(local_grown, device)
-            broadcast_masks_(local_dropped, device)
+            # which removed weights came back is not visible in the masks: take rank 0's choice as well
+            broadcast_masks_(local_grown, trainer.strategy.root_device)
         grown: dict[str, Tensor] = {}
         dropped: dict[str, Tensor] = {}
         for name, p in zip(masked.names, masked.params):
             new = masked.masks[name]
             g = new & ~before[name]
-            d = before[name] & ~new
             if self.allow_regrow_dropped and name in local_grown:
-                # dropped and grown again in this update: counted as both, restarted from 0 like any new weight
+                # removed and grown again in this update: restarted from 0 like any new weight
                 g = g | (local_grown[name].to(new.device) & new)
-                d = d | (local_dropped[name].to(new.device) & g)
+            # a grown position that was active before was removed first (by gradual pruning or by the drop)
             grown[name] = g
-            dropped[name] = d
+            dropped[name] = before[name] & (~new | g)
             p.data.masked_fill_(g, 0)
             self._ever_active[name] |= new
         masked.apply_()
@@ -757,13 +689,24 @@ class RigL(DynamicSparsity):
     """Rigged Lottery (Evci et al., arXiv:1911.11134): drop smallest ``|W|``, grow largest ``|dense gradient|``.
 
     This is upstream ER_DST's ``--method DST``. The gradient is the one the optimizer is about to use (after the
-    DDP all-reduce, AMP unscaling and gradient accumulation), before masking and before weight decay.
+    DDP all-reduce, AMP unscaling and gradient accumulation), before masking and before weight decay. A plain
+    ``drop_fraction`` decays as upstream does (cosine to 0.005 over the whole run); the paper's schedule,
+    ``α/2·(1 + cos(π t/T_end))`` with ``T_end = stop_updates_at · T``, is
+    ``drop_fraction=CosineDrop(0.3, floor=0.0, until="stop")``.
+
+    **Momentum growth** (``growth="momentum"``, the growth rule of sparse momentum, Dettmers and Zettlemoyer,
+    arXiv:1907.04840): inactive weights are grown where ``|m|`` is largest, ``m ← β·m + (1 − β)·g`` the exponential
+    average of the *dense* gradient of every masked weight, updated at every optimizer step (one fused
+    ``torch._foreach_lerp_`` before the gradients are masked) and including the current step's gradient. The
+    optimizer's own momentum cannot serve: gradients are masked before every step, so it is exactly 0 at every
+    inactive position. ``m`` costs one float per masked weight (kept in the checkpoint) and the lerp per step;
+    both exist only in this mode. Sparse momentum's redistribution of weights across layers is not done: each
+    layer keeps its count, as in RigL.
 
     Args:
-        growth: ``"gradient"`` (RigL) or ``"momentum"`` (sparse momentum, Dettmers and Zettlemoyer,
-            arXiv:1907.04840): the optimizer's momentum including this step's gradient, see
-            :func:`momentum_scores`. Momentum growth needs SGD with ``momentum > 0`` or an Adam-type optimizer;
-            otherwise ``on_fit_start`` raises.
+        growth: ``"gradient"`` (RigL: ``|g|`` of this step) or ``"momentum"`` (``|m|``, see above).
+        growth_momentum: ``β`` of the dense-gradient average for ``growth="momentum"``, in [0, 1) (sparse
+            momentum's 0.9); ``β = 0`` ranks by ``|g|`` like ``"gradient"``. Ignored for ``growth="gradient"``.
         density, update_every_steps, drop_fraction, stop_updates_at, prune, allow_regrow_dropped, input_shape, and
         the initial-mask options: see :class:`DynamicSparsity`.
 
@@ -781,6 +724,7 @@ class RigL(DynamicSparsity):
         drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop = 0.3,
         stop_updates_at: float = 0.75,
         growth: Growth = "gradient",
+        growth_momentum: float = 0.9,
         prune: PruneScore = "magnitude",
         allow_regrow_dropped: bool = False,
         input_shape: list[int] | None = None,
@@ -833,28 +777,99 @@ class RigL(DynamicSparsity):
             log_layer_densities=log_layer_densities,
         )
         self.growth = check_choice(growth, "growth", _GROWTH)
+        if (
+            isinstance(growth_momentum, bool)
+            or not isinstance(growth_momentum, (int, float))
+            or not 0.0 <= growth_momentum < 1.0
+        ):
+            raise ValueError(
+                f"growth_momentum is the β of the dense-gradient average and must be in [0, 1), got {growth_momentum!r}"
+            )
+        self.growth_momentum = float(growth_momentum)
+        #: FQN → exponential average of the dense gradient (``growth="momentum"`` only; created at fit start).
+        self.grad_momentum: dict[str, Tensor] | None = None
 
     @override
     def mask_config(self) -> dict[str, Any]:
         cfg = super().mask_config()
         cfg["growth"] = self.growth
+        if self.growth == "momentum":
+            cfg["growth_momentum"] = self.growth_momentum
         return cfg
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if state and self.grad_momentum is not None:
+            state["grad_momentum"] = {
+                n: m.detach().to("cpu", copy=True) for n, m in self.grad_momentum.items()
+            }
+        return state
+
+    @override
+    def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        super().load_extra_state(state_dict)
+        if self.growth != "momentum":
+            return
+        saved = state_dict.get("grad_momentum")
+        if saved is None:
+            raise RuntimeError(
+                f"{type(self).__name__}(growth='momentum'): the checkpoint holds no gradient momentum; resume from a "
+                "checkpoint written with growth='momentum'"
+            )
+        assert self.masked is not None
+        if list(saved) != self.masked.names:
+            raise ValueError(f"checkpoint gradient momentum is for {list(saved)}, not {self.masked.names}")
+        for name, p in zip(self.masked.names, self.masked.params):
+            if tuple(saved[name].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"checkpoint gradient momentum {name!r} has shape {tuple(saved[name].shape)}, the parameter "
+                    f"{tuple(p.shape)}"
+                )
+        self.grad_momentum = {n: m.detach().clone() for n, m in saved.items()}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self.growth == "momentum":
-            assert self.masked is not None
-            _check_optimizer_momentum(list(trainer.optimizers), list(self.masked.params))
+        if self.growth != "momentum":
+            return
+        assert self.masked is not None
+        if self.grad_momentum is None:
+            self.grad_momentum = {
+                n: torch.zeros_like(p) for n, p in zip(self.masked.names, self.masked.params)
+            }
+        else:  # restored from a checkpoint, on the CPU
+            self.grad_momentum = {
+                n: self.grad_momentum[n].to(device=p.device, dtype=p.dtype)
+                for n, p in zip(self.masked.names, self.masked.params)
+            }
+
+    @override
+    def update_masks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.grad_momentum is not None:
+            self._accumulate_momentum_()
+        super().update_masks(trainer, pl_module, optimizer)
+
+    @torch.no_grad()
+    def _accumulate_momentum_(self) -> None:
+        """``m ← β·m + (1 − β)·g`` with the dense gradients, one fused op over every masked weight with a gradient."""
+        assert self.masked is not None and self.grad_momentum is not None
+        bufs, grads = [], []
+        for name, p in zip(self.masked.names, self.masked.params):
+            if p.grad is not None:
+                bufs.append(self.grad_momentum[name])
+                grads.append(p.grad)
+        if bufs:
+            torch._foreach_lerp_(bufs, grads, 1.0 - self.growth_momentum)
 
     @override
     def grow_scores(self, name: str, weight: Tensor, grad: Tensor | None, step: int) -> Tensor:
+        if self.grad_momentum is not None:
+            return self.grad_momentum[name].abs()
         if grad is None:
             return torch.zeros_like(weight, dtype=torch.float32)
-        if self.growth == "momentum" and self._optimizer is not None:
-            assert self.masked is not None
-            param = self.masked.params[self._layer_index[name]]
-            return momentum_scores(self._optimizer, param, grad)
         return grad.detach().abs()
 
 
@@ -866,9 +881,10 @@ class GraNet(RigL):
     :func:`~er_lightning.sparsity.schedules.cubic_density`), keeping exactly ``exact_count(d(c), N)`` weights by
     global magnitude (``scope="global"``) or each layer's share (``scope="layerwise"``: layer ``l`` goes from its
     initial density ``d_l`` to ``d_l · d_f/d_i``, which from a uniform start is upstream's ``GraNet_uniform``
-    without its classifier special case, quirk Q11). Then prune-and-regrow runs as in :class:`RigL` (never
-    regrowing what was just pruned) at every update until ``stop_updates_at`` (default 1.0: to the end, as
-    upstream; upstream also waits for ``prune_start_epoch`` before its first regrow, we do not).
+    without its classifier special case, quirk Q11). Then prune-and-regrow runs as in :class:`RigL` (weights
+    pruned in the same update are regrown only with ``allow_regrow_dropped=True``, as upstream does) at every
+    update until ``stop_updates_at`` (default 1.0: to the end, as upstream; upstream also waits for
+    ``prune_start_epoch`` before its first regrow, we do not).
 
     **The window, in epochs** (floats; converted with the optimizer steps per epoch,
     ``⌈trainer.num_training_batches / accumulate_grad_batches⌉``): ``c_start = ⌊prune_start_epoch·S/f⌋`` and
@@ -908,6 +924,7 @@ class GraNet(RigL):
         drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop = 0.5,
         stop_updates_at: float = 1.0,
         growth: Growth = "gradient",
+        growth_momentum: float = 0.9,
         prune: PruneScore = "magnitude",
         allow_regrow_dropped: bool = False,
         input_shape: list[int] | None = None,
@@ -937,6 +954,7 @@ class GraNet(RigL):
             drop_fraction=drop_fraction,
             stop_updates_at=stop_updates_at,
             growth=growth,
+            growth_momentum=growth_momentum,
             prune=prune,
             allow_regrow_dropped=allow_regrow_dropped,
             input_shape=input_shape,

@@ -6,9 +6,10 @@ Nothing here reads a trainer, a model or a clock; the callbacks in :mod:`er_ligh
 Two families:
 
 * **Drop fraction** (the share of active weights replaced at a prune-and-regrow update), as frozen dataclasses
-  called with ``(step, total_steps)``: :class:`CosineDrop` (upstream ER_DST / GraNet / RigL),
-  :class:`ConstantDrop` and :class:`LinearDrop`. :func:`as_drop_schedule` turns a plain float ``p0`` into
-  ``CosineDrop(p0, 0.005)``, upstream's floor.
+  called with ``(step, total_steps, stop_step)``: :class:`CosineDrop` (upstream ER_DST / GraNet over the whole run;
+  the RigL paper's decay to 0 at the stop with ``floor=0, until="stop"``), :class:`ConstantDrop` and
+  :class:`LinearDrop`. :func:`as_drop_schedule` turns a plain float ``p0`` into ``CosineDrop(p0, 0.005)``,
+  upstream's floor, over the whole run.
 * **Gradual pruning** (Zhu and Gupta, arXiv:1710.01878; GraNet, arXiv:2106.10404): the cubic density schedule
   :func:`cubic_density`, counted in update periods, and :func:`prune_window`, which turns a window given in epochs
   into the first and last update index.
@@ -29,11 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = [
     "DEFAULT_DROP_FLOOR",
     "ConstantDrop",
     "CosineDrop",
+    "DecayEnd",
     "DropSchedule",
     "LinearDrop",
     "as_drop_schedule",
@@ -57,40 +60,89 @@ def _check_fraction(value: object, what: str) -> float:
     return float(value)
 
 
-def _progress(step: int, total_steps: float) -> float:
-    """Fraction of training done at ``step``, clipped to [0, 1]."""
+#: Where a decaying drop fraction reaches its last value: ``"end"`` of training (upstream), the ``"stop"`` of
+#: prune-and-regrow (``stop_updates_at``, the RigL paper's ``T_end``), or a fraction of training in (0, 1].
+DecayEnd = Literal["end", "stop"] | float
+
+
+def _check_until(value: object, what: str) -> str | float:
+    if value in ("end", "stop"):
+        return str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(
+            f"{what} must be 'end' (end of training), 'stop' (when prune-and-regrow stops) or a fraction of training "
+            f"in (0, 1], got {value!r}"
+        )
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} as a fraction of training must be in (0, 1], got {value}")
+    return float(value)
+
+
+def _horizon(until: str | float, total_steps: float, stop_step: float | None) -> float:
+    """The step at which a decay ends (``T_end``), for ``until`` of :data:`DecayEnd`."""
     if not total_steps > 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    return min(max(step / total_steps, 0.0), 1.0)
+    if until == "end":
+        return float(total_steps)
+    if until == "stop":
+        if stop_step is None:
+            raise ValueError(
+                "a drop schedule with until='stop' needs the step at which prune-and-regrow stops (stop_step)"
+            )
+        return float(stop_step)
+    return float(until) * float(total_steps)
+
+
+def _progress(step: int, horizon: float) -> float:
+    """Fraction of the decay done at ``step``, clipped to [0, 1]; a horizon of 0 steps is done at once."""
+    if horizon <= 0:
+        return 1.0
+    return min(max(step / horizon, 0.0), 1.0)
 
 
 @dataclass(frozen=True)
 class CosineDrop:
-    """Cosine decay of the drop fraction: ``floor + (initial − floor)·(1 + cos(π·t/T))/2``.
+    """Cosine decay of the drop fraction: ``floor + (initial − floor)·(1 + cos(π·t/T_end))/2``.
 
-    ``t`` is the optimizer step (``trainer.global_step``, steps done so far) and ``T`` the total number of
-    training steps (``trainer.estimated_stepping_batches``); after ``T`` the value stays at ``floor``. This is
-    upstream ER_DST's prune-rate decay (spec §3.5) and RigL's (Evci et al., arXiv:1911.11134, with floor 0).
+    ``t`` is the optimizer step (``trainer.global_step``, steps done so far). ``T_end`` is set by ``until``: the
+    total number of training steps ``T`` (``trainer.estimated_stepping_batches``; upstream ER_DST's prune-rate
+    decay, spec §3.5, with ``floor=0.005``), the step at which prune-and-regrow stops (``until="stop"``,
+    ``stop_updates_at · T``: the RigL paper's ``α/2·(1 + cos(π t/T_end))`` with ``floor=0``, Evci et al.,
+    arXiv:1911.11134), or a fraction of ``T``. After ``T_end`` the value stays at ``floor``.
 
     Args:
         initial: drop fraction at step 0, in [0, 1).
-        floor: drop fraction at the end of training, in [0, 1); upstream uses 0.005.
+        floor: drop fraction at ``T_end`` and after, in [0, ``initial``]; upstream uses 0.005, RigL 0.
+        until: ``"end"`` (of training, default), ``"stop"`` or a fraction of training in (0, 1].
+
+    Raises:
+        ValueError: a value outside its range, e.g. ``floor > initial`` (a rising "decay").
 
     Example:
         >>> round(CosineDrop(0.5, 0.005)(1000, 72000), 5)
         0.49976
+        >>> rigl = CosineDrop(0.3, floor=0.0, until="stop")  # T = 1000, updates stop at step 750
+        >>> round(rigl(500, 1000, stop_step=750), 4), CosineDrop(0.3)(500, 1000)
+        (0.075, 0.1525)
     """
 
     initial: float = 0.3
     floor: float = DEFAULT_DROP_FLOOR
+    until: DecayEnd = "end"
 
     def __post_init__(self) -> None:
         _check_fraction(self.initial, "CosineDrop.initial")
         _check_fraction(self.floor, "CosineDrop.floor")
+        if self.floor > self.initial:
+            raise ValueError(
+                f"CosineDrop.floor ({self.floor}) must be <= CosineDrop.initial ({self.initial}): the cosine decays "
+                "from initial to floor; use LinearDrop(initial, final) for a rising drop fraction"
+            )
+        _check_until(self.until, "CosineDrop.until")
 
-    def __call__(self, step: int, total_steps: float) -> float:
-        """The drop fraction at optimizer step ``step`` of ``total_steps``."""
-        t = _progress(step, total_steps)
+    def __call__(self, step: int, total_steps: float, stop_step: float | None = None) -> float:
+        """The drop fraction at optimizer step ``step`` of ``total_steps`` (``stop_step`` for ``until="stop"``)."""
+        t = _progress(step, _horizon(self.until, total_steps, stop_step))
         return self.floor + (self.initial - self.floor) * (1.0 + math.cos(math.pi * t)) / 2.0
 
 
@@ -111,19 +163,20 @@ class ConstantDrop:
     def __post_init__(self) -> None:
         _check_fraction(self.value, "ConstantDrop.value")
 
-    def __call__(self, step: int, total_steps: float) -> float:
+    def __call__(self, step: int, total_steps: float, stop_step: float | None = None) -> float:
         """The drop fraction (independent of the step)."""
-        _progress(step, total_steps)
+        _horizon("end", total_steps, stop_step)
         return float(self.value)
 
 
 @dataclass(frozen=True)
 class LinearDrop:
-    """Linear change of the drop fraction from ``initial`` at step 0 to ``final`` at the last step.
+    """Linear change of the drop fraction from ``initial`` at step 0 to ``final`` at ``T_end`` (and after).
 
     Args:
         initial: drop fraction at step 0, in [0, 1).
-        final: drop fraction at ``total_steps`` (and after), in [0, 1).
+        final: drop fraction at ``T_end`` and after, in [0, 1).
+        until: where ``T_end`` lies, as in :class:`CosineDrop`: ``"end"`` (default), ``"stop"`` or a fraction.
 
     Example:
         >>> LinearDrop(0.5, 0.1)(5000, 10000)
@@ -132,18 +185,21 @@ class LinearDrop:
 
     initial: float = 0.3
     final: float = 0.0
+    until: DecayEnd = "end"
 
     def __post_init__(self) -> None:
         _check_fraction(self.initial, "LinearDrop.initial")
         _check_fraction(self.final, "LinearDrop.final")
+        _check_until(self.until, "LinearDrop.until")
 
-    def __call__(self, step: int, total_steps: float) -> float:
-        """The drop fraction at optimizer step ``step`` of ``total_steps``."""
-        t = _progress(step, total_steps)
+    def __call__(self, step: int, total_steps: float, stop_step: float | None = None) -> float:
+        """The drop fraction at optimizer step ``step`` of ``total_steps`` (``stop_step`` for ``until="stop"``)."""
+        t = _progress(step, _horizon(self.until, total_steps, stop_step))
         return round(self.initial + (self.final - self.initial) * t, 15)
 
 
-#: Any drop-fraction schedule: called as ``schedule(step, total_steps)``, returns a fraction in [0, 1).
+#: Any drop-fraction schedule: called as ``schedule(step, total_steps, stop_step=...)``, returns a fraction in
+#: [0, 1).
 DropSchedule = CosineDrop | ConstantDrop | LinearDrop
 
 

@@ -107,6 +107,37 @@ def test_drop_fractions_outside_unit_interval_raise(bad):
         LinearDrop(0.1, bad)
 
 
+def test_decay_that_ends_at_the_stop_or_a_given_fraction():
+    # the numbers: T = 1000, α = 0.3, updates stop at step 750
+    rigl = CosineDrop(0.3, floor=0.0, until="stop")
+    assert rigl(500, 1000, stop_step=750) == pytest.approx(0.075, abs=1e-12)
+    assert CosineDrop(0.3)(500, 1000) == pytest.approx(0.1525, abs=1e-12)  # upstream: over the whole run
+    assert rigl(749, 1000, stop_step=750) == pytest.approx(
+        0.15 * (1 + math.cos(math.pi * 749 / 750)), abs=1e-15
+    )
+    assert rigl(749, 1000, stop_step=750) < 1e-5
+    assert rigl(750, 1000, stop_step=750) == 0.0 == rigl(900, 1000, stop_step=750)
+    half = CosineDrop(0.4, 0.1, until=0.5)
+    assert half(250, 1000) == pytest.approx(0.1 + 0.3 * (1 + math.cos(math.pi / 2)) / 2)
+    assert half(500, 1000) == pytest.approx(0.1) and half(800, 1000) == pytest.approx(0.1)
+    lin = LinearDrop(0.5, 0.1, until="stop")
+    assert [lin(s, 8, stop_step=4) for s in (0, 2, 4, 6)] == [0.5, 0.3, 0.1, 0.1]
+    assert ConstantDrop(0.2)(3, 8, stop_step=4) == 0.2
+    with pytest.raises(ValueError, match="until='stop' needs the step"):
+        rigl(10, 100)
+    for bad in ("start", 0.0, 1.5, True, float("nan")):
+        with pytest.raises(ValueError, match="until"):
+            CosineDrop(0.3, 0.0, until=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="until"):
+            LinearDrop(0.3, 0.0, until=bad)  # type: ignore[arg-type]
+
+
+def test_rising_cosine_drop_is_rejected():
+    with pytest.raises(ValueError, match=r"floor \(0.5\) must be <= CosineDrop.initial \(0.1\).*LinearDrop"):
+        CosineDrop(0.1, floor=0.5)
+    assert CosineDrop(0.2, 0.2)(5, 10) == pytest.approx(0.2)  # flat is allowed
+
+
 def test_drop_fraction_of_wrong_type_raises():
     with pytest.raises(TypeError, match="CosineDrop, ConstantDrop or LinearDrop"):
         as_drop_schedule("cosine")  # type: ignore[arg-type]
