@@ -14,7 +14,8 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -28,9 +29,9 @@ from er_lightning.callbacks.base import SparsityCallback
 from er_lightning.masking.io import load_masks
 from er_lightning.sparsity.checks import check_int
 from er_lightning.sparsity.sampling import sample_masks
-from er_lightning.sparsity.scores import prune_at_init
+from er_lightning.sparsity.scores import BatchLoss, prune_at_init
 
-__all__ = ["SOURCE_DISTRIBUTIONS", "StaticSparsity"]
+__all__ = ["SOURCE_DISTRIBUTIONS", "StaticSparsity", "training_step_loss"]
 
 #: Distributions whose layer-wise densities come from a source mask rather than a density rule.
 SOURCE_DISTRIBUTIONS: tuple[str, ...] = ("snip", "grasp", "synflow", "magnitude", "from_mask")
@@ -72,15 +73,23 @@ class StaticSparsity(SparsityCallback):
     * ``"scores"``: keep the source mask itself (the SNIP / GraSP / SynFlow / magnitude / file baseline). For a
       density rule there is nothing to keep, so ``placement="scores"`` raises.
 
-    **Scores.** They are computed on the LightningModule itself (names are its FQNs; its ``forward`` must return
-    logits; the loss is cross-entropy), on an eval-mode copy placed on ``trainer.strategy.root_device``, so the
-    module's weights, BN statistics and flags and the global RNG are left exactly as they were (the fetching of
-    batches runs under a forked CPU RNG, so data order in training is unchanged). SNIP/GraSP average over the
+    **Scores.** They are computed on the LightningModule itself (names are its FQNs), on an eval-mode copy placed
+    on ``trainer.strategy.root_device``, so the module's weights, BN statistics and flags and the global RNG are
+    left exactly as they were (the fetching of batches runs under a forked CPU RNG, so data order in training is
+    unchanged). **The loss of SNIP/GraSP** is the module's own: by default its ``training_step`` on each batch
+    (:func:`training_step_loss`: the module's batch-transfer hooks, then ``training_step(batch, 0)``; its
+    ``self.log`` calls are dropped, as the copy has no trainer), so a language model, a detector or any custom
+    loss is scored with the loss it trains on. With ``loss_fn`` the loss is ``loss_fn(module(x), y)`` on
+    ``(x, y)`` batches instead; that is required under manual optimization, whose ``training_step`` steps the
+    optimizers itself. GraSP's temperature divides what the module's ``forward`` returns. SNIP/GraSP average over the
     first ``num_batches`` batches of the training data: ``trainer.datamodule.train_dataloader()`` when a
     datamodule is attached, else the loader given to ``trainer.fit`` or the module's own ``train_dataloader``.
     SynFlow (data-free, ``rounds`` iterative rounds, ``double`` for float64) needs the shape of one input:
     ``input_shape``, else the ``input_shape`` attribute of the module or of its ``model`` backbone (every
-    ``er_lightning.models`` network has one), else the first training batch. Scoring happens once per fit at
+    ``er_lightning.models`` network has one), else the first training batch. A module with an ``nn.Embedding`` is
+    a token model: SynFlow feeds it token ids of that shape (``(seq_len,)``) with every embedding returning the sum
+    of its rows, the all-ones input of a lookup
+    (:func:`~er_lightning.sparsity.scores.synflow_scores`). Scoring happens once per fit at
     ``setup``, also when resuming (the checkpoint's masks then replace the result). In stages other than ``fit``
     (``validate``/``test`` of a checkpoint) whose data module cannot give training batches, SNIP/GraSP draw nothing
     and leave the module as loaded (the checkpoint's weights hold their zeros).
@@ -99,6 +108,9 @@ class StaticSparsity(SparsityCallback):
         input_shape: shape of one input sample without the batch dimension, for SynFlow (e.g. ``[3, 32, 32]``).
         rounds: SynFlow prune-rescore rounds, >= 1 (100 in the SynFlow paper).
         double: compute SynFlow in float64 (deep networks can overflow float32).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` for SNIP/GraSP on ``(inputs, targets)`` batches (in a
+            config, an import path such as ``torch.nn.functional.cross_entropy``); ``None`` (default) takes the
+            loss from the module's ``training_step``.
         **kwargs: the arguments of :class:`~er_lightning.callbacks.base.SparsityCallback` (``sampling``, ``seed``,
             ``include``, ``exclude``, ``embeddings``, ``dense_first_layer``, ``init``, ``flow_preservation``, ...).
 
@@ -129,6 +141,7 @@ class StaticSparsity(SparsityCallback):
         input_shape: list[int] | None = None,
         rounds: int = 100,
         double: bool = False,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,
@@ -203,6 +216,9 @@ class StaticSparsity(SparsityCallback):
         if not isinstance(double, bool):
             raise TypeError(f"double must be a bool, got {double!r}")
         self.double = double
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be a callable (outputs, targets) -> loss or None, got {loss_fn!r}")
+        self.loss_fn = loss_fn
 
     @override
     def mask_config(self) -> dict[str, Any]:
@@ -277,7 +293,9 @@ class StaticSparsity(SparsityCallback):
         criterion = self.distribution
         batches = None
         input_shape = None
+        batch_loss = None
         if criterion in _DATA_SOURCES:
+            batch_loss = self._batch_loss(pl_module)
             batches = self._training_batches(trainer, pl_module)
         if criterion == "synflow":
             input_shape = self._synflow_input_shape(trainer, pl_module)
@@ -289,6 +307,7 @@ class StaticSparsity(SparsityCallback):
             self.density,
             scope="global",
             batches=batches,
+            batch_loss=batch_loss,
             num_batches=self.num_batches,
             input_shape=input_shape,
             seed=self.seed,
@@ -296,6 +315,24 @@ class StaticSparsity(SparsityCallback):
             double=self.double,
         )
         return {n: masks[n].detach().to("cpu", torch.bool) for n in shapes}
+
+    def _batch_loss(self, pl_module: pl.LightningModule) -> BatchLoss | None:
+        """``None`` when ``loss_fn`` is given (scores.py applies it), else the module's ``training_step``."""
+        if self.loss_fn is not None:
+            return None
+        name = type(pl_module).__name__
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{self.distribution} takes its loss from {name}.training_step by default, but {name} uses manual "
+                "optimization (automatic_optimization=False): its training_step steps the optimizers itself. "
+                "Pass loss_fn=(outputs, targets) -> loss (applied to module(inputs) on (inputs, targets) batches)"
+            )
+        if not is_overridden("training_step", pl_module):
+            raise ValueError(
+                f"{self.distribution} takes its loss from {name}.training_step by default, but {name} defines none; "
+                "pass loss_fn=(outputs, targets) -> loss"
+            )
+        return training_step_loss
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -359,6 +396,42 @@ class StaticSparsity(SparsityCallback):
             "synflow needs the shape of one input sample: pass input_shape (e.g. [3, 32, 32]), give the module "
             "(or its `model` backbone) an `input_shape` attribute, or provide training data to read it from"
         )
+
+
+def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
+    """The loss ``module.training_step(batch, 0)`` returns, on a module without a trainer (a scoring copy).
+
+    The batch goes through the module's own ``on_before_batch_transfer``, ``transfer_batch_to_device`` (to the
+    module's device) and ``on_after_batch_transfer`` first, as in training. ``self.log`` warnings of the copy (it
+    has no trainer) are silenced. The step may return the loss or a mapping with a ``"loss"`` entry.
+
+    Raises:
+        RuntimeError: ``training_step`` raised (e.g. it reads ``self.trainer``); the message says how to pass a
+            ``loss_fn`` instead.
+        ValueError: it returned no scalar loss.
+    """
+    name = type(module).__name__
+    device = next(module.parameters()).device
+    batch = module.on_before_batch_transfer(batch, 0)
+    batch = module.transfer_batch_to_device(batch, device, 0)
+    batch = module.on_after_batch_transfer(batch, 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+        try:
+            out = module.training_step(batch, 0)
+        except Exception as err:
+            raise RuntimeError(
+                f"the pruning-at-init loss is taken from {name}.training_step, which raised {type(err).__name__}: "
+                f"{err} on the scoring copy (an eval-mode copy without a trainer); make training_step work "
+                "without self.trainer, or pass loss_fn=(outputs, targets) -> loss to the callback"
+            ) from err
+    loss = out.get("loss") if isinstance(out, Mapping) else out
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(
+            f"{name}.training_step must return the loss (a scalar tensor) or {{'loss': loss}} to be used for "
+            f"pruning-at-init scores, got {type(out).__name__}; or pass loss_fn=(outputs, targets) -> loss"
+        )
+    return loss
 
 
 def _scoring_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:

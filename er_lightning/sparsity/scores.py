@@ -12,7 +12,13 @@ Criteria (:data:`SCORE_CRITERIA`):
 * ``"grasp"`` (Wang et al. 2020, arXiv:2002.07376): ``W ⊙ Hg``, the *negation* of the paper's ``-W ⊙ Hg`` (GraSP
   removes the largest ``-W ⊙ Hg``, so keeping the largest ``W ⊙ Hg`` is the same rule).
 * ``"synflow"`` (Tanaka et al. 2020, arXiv:2006.05467): data-free ``|∂R/∂W ⊙ W|`` on the network with every
-  state-dict entry replaced by its absolute value; iterated over ``rounds`` by :func:`synflow_masks`.
+  state-dict entry replaced by its absolute value, fed an all-ones input (token models: every embedding returns
+  the sum of its rows); iterated over ``rounds`` by :func:`synflow_masks`.
+
+**Which loss.** SNIP and GraSP compute ``loss_fn(model(x), y)`` on ``(x, y)`` batches (cross-entropy by default),
+or, given ``batch_loss``, any loss of a batch of any structure (a LightningModule's ``training_step``: see
+:class:`~er_lightning.callbacks.static.StaticSparsity`). GraSP runs under the math attention kernel, whose double
+backward exists (the fused SDPA kernels have none).
 
 **Fixed mode and model state.** Gradient-based scores (snip, grasp, synflow) are computed on a ``copy.deepcopy`` of
 the model put in **eval mode**: BatchNorm uses (and never updates) its running statistics and dropout is off, so the
@@ -43,17 +49,19 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from er_lightning.sparsity.checks import check_density, check_int
 from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
 
 __all__ = [
     "SCORE_CRITERIA",
+    "BatchLoss",
     "Criterion",
     "Scope",
     "compute_scores",
@@ -71,6 +79,10 @@ Criterion = Literal["snip", "grasp", "synflow", "magnitude", "random"]
 Scope = Literal["global", "layerwise"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
+#: ``batch_loss(model, batch) -> scalar loss``: how a batch of any structure (token dicts, several inputs) becomes
+#: a loss on ``model`` (the scoring copy). It receives the batch as the iterable yields it and moves it to the
+#: model's device itself. Replaces ``loss_fn(model(x), y)`` when given.
+BatchLoss = Callable[[nn.Module, Any], Tensor]
 
 #: Names accepted by :func:`compute_scores` and :func:`prune_at_init`.
 SCORE_CRITERIA: tuple[str, ...] = get_args(Criterion)
@@ -210,7 +222,10 @@ def _mask_scores_(scores: dict[str, Tensor], masks: Mapping[str, Tensor]) -> Non
             scores[n] = torch.where(m, s, torch.zeros_like(s))
 
 
-def _collect_batches(batches: Iterable[Batch] | None, num_batches: int, criterion: str) -> list[Batch]:
+def _collect_batches(
+    batches: Iterable[Any] | None, num_batches: int, criterion: str, any_structure: bool = False
+) -> list[Any]:
+    """The first ``num_batches`` batches; ``(inputs, targets)`` pairs of tensors unless ``any_structure``."""
     num_batches = check_int(num_batches, "num_batches")
     if batches is None:
         raise ValueError(
@@ -222,8 +237,11 @@ def _collect_batches(batches: Iterable[Batch] | None, num_batches: int, criterio
         raise TypeError(
             f"batches must be an iterable of (inputs, targets) pairs, got {type(batches).__name__}"
         )
-    out: list[Batch] = []
+    out: list[Any] = []
     for i, batch in enumerate(itertools.islice(iter(batches), num_batches)):
+        if any_structure:
+            out.append(batch)
+            continue
         if isinstance(batch, Tensor) or not isinstance(batch, Sequence) or len(batch) < 2:
             raise TypeError(
                 f"batch {i} must be an (inputs, targets) pair, got {type(batch).__name__}; "
@@ -241,8 +259,15 @@ def _collect_batches(batches: Iterable[Batch] | None, num_batches: int, criterio
 
 
 def _loss(
-    model: nn.Module, batch: Batch, loss_fn: LossFn, device: torch.device, temperature: float = 1.0
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    device: torch.device,
+    temperature: float = 1.0,
+    batch_loss: BatchLoss | None = None,
 ) -> Tensor:
+    if batch_loss is not None:
+        return _batch_loss(model, batch, batch_loss, temperature)
     x, y = batch
     out = model(x.to(device))
     if not isinstance(out, Tensor):
@@ -252,6 +277,39 @@ def _loss(
     loss = loss_fn(out, y.to(device))
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise ValueError("loss_fn must return a scalar tensor (a mean loss over the batch)")
+    return loss.reshape(())
+
+
+def _batch_loss(model: nn.Module, batch: Any, batch_loss: BatchLoss, temperature: float) -> Tensor:
+    """``batch_loss(model, batch)``; a temperature divides what ``model``'s own forward returns (a hook)."""
+    calls = []
+
+    def divide(module: nn.Module, args: Any, out: Any) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"a temperature divides the logits the model's forward returns, got {type(out).__name__}; "
+                "pass temperature=1.0 or a batch_loss that scales the logits itself"
+            )
+        calls.append(1)
+        return out / temperature
+
+    handle = model.register_forward_hook(divide) if temperature != 1.0 else None
+    try:
+        loss = batch_loss(model, batch)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is not None and not calls:
+        raise ValueError(
+            f"temperature={temperature} divides the logits returned by the model's forward, but the loss never "
+            f"called {type(model).__name__}.forward (it called a submodule directly?); pass temperature=1.0, or a "
+            "loss_fn so that the scorer calls the model itself"
+        )
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not torch.is_floating_point(loss):
+        raise ValueError(
+            f"the batch loss must be a scalar floating-point tensor (a mean over the batch), got "
+            f"{type(loss).__name__}{'' if not isinstance(loss, Tensor) else f' of shape {tuple(loss.shape)}'}"
+        )
     return loss.reshape(())
 
 
@@ -337,9 +395,10 @@ def random_scores(
 def snip_scores(
     model: nn.Module,
     names: Sequence[str],
-    batches: Iterable[Batch] | None,
+    batches: Iterable[Any] | None,
     *,
     loss_fn: LossFn = F.cross_entropy,
+    batch_loss: BatchLoss | None = None,
     num_batches: int = 1,
     masks: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
@@ -353,7 +412,10 @@ def snip_scores(
         model: the network; left exactly as it was.
         names: FQNs of the parameters to score.
         batches: iterable of ``(inputs, targets)``, e.g. a train dataloader; only the first ``num_batches`` are read.
+            With ``batch_loss``, batches of any structure.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; cross-entropy by default.
+        batch_loss: ``batch_loss(model, batch) -> scalar`` (:data:`BatchLoss`), used instead of ``loss_fn`` when
+            given, e.g. a LightningModule's own ``training_step``.
         num_batches: how many batches to average over, >= 1.
         masks: optional current masks, applied to the weights before scoring; masked-out entries score 0.
 
@@ -366,7 +428,7 @@ def snip_scores(
     _check_model(model)
     params = _check_names(model, names)
     mask_map = _check_masks(model, masks)
-    data = _collect_batches(batches, num_batches, "snip")
+    data = _collect_batches(batches, num_batches, "snip", any_structure=batch_loss is not None)
     names = list(params)
     with _isolated_rng(model), _grad_enabled():
         clone, cparams = _scoring_copy(model, names)
@@ -375,7 +437,7 @@ def snip_scores(
         device = tensors[0].device
         total = [torch.zeros_like(t) for t in tensors]
         for batch in data:
-            grads = _grads(_loss(clone, batch, loss_fn, device), tensors)
+            grads = _grads(_loss(clone, batch, loss_fn, device, batch_loss=batch_loss), tensors)
             for acc, g in zip(total, grads):
                 acc.add_(g)
         scores = {n: (acc / len(data) * t.detach()).abs() for n, acc, t in zip(names, total, tensors)}
@@ -386,9 +448,10 @@ def snip_scores(
 def grasp_scores(
     model: nn.Module,
     names: Sequence[str],
-    batches: Iterable[Batch] | None,
+    batches: Iterable[Any] | None,
     *,
     loss_fn: LossFn = F.cross_entropy,
+    batch_loss: BatchLoss | None = None,
     num_batches: int = 1,
     temperature: float = 200.0,
     masks: Mapping[str, Tensor] | None = None,
@@ -409,6 +472,9 @@ def grasp_scores(
         names: FQNs of the parameters to score.
         batches: iterable of ``(inputs, targets)``; only the first ``num_batches`` are read (each is used twice).
         loss_fn: ``loss_fn(outputs / temperature, targets) -> scalar``; cross-entropy by default.
+        batch_loss: ``batch_loss(model, batch) -> scalar``, used instead of ``loss_fn`` when given; the temperature
+            then divides whatever the model's ``forward`` returns (a forward hook), and it is an error if the loss
+            never calls that ``forward``.
         num_batches: how many batches to average over, >= 1.
         temperature: the logits are divided by it before ``loss_fn``, as in GraSP (200 there); 1 disables it.
         masks: optional current masks, applied to the weights before scoring.
@@ -427,10 +493,11 @@ def grasp_scores(
         raise ValueError(f"temperature must be a positive finite float (GraSP uses 200), got {temperature}")
     params = _check_names(model, names)
     mask_map = _check_masks(model, masks)
-    data = _collect_batches(batches, num_batches, "grasp")
+    data = _collect_batches(batches, num_batches, "grasp", any_structure=batch_loss is not None)
     names = list(params)
     temperature = float(temperature)
-    with _isolated_rng(model), _grad_enabled():
+    # Fused attention kernels (flash / memory-efficient SDPA) have no double backward; the math kernel has.
+    with _isolated_rng(model), _grad_enabled(), sdpa_kernel(SDPBackend.MATH):
         clone, cparams = _scoring_copy(model, names)
         _apply_masks_(cparams, mask_map)
         tensors = [cparams[n] for n in names]
@@ -438,12 +505,13 @@ def grasp_scores(
         # Pass 1: g = gradient of the batch-averaged loss (a constant in pass 2).
         g = [torch.zeros_like(t) for t in tensors]
         for batch in data:
-            for acc, gb in zip(g, _grads(_loss(clone, batch, loss_fn, device, temperature), tensors)):
+            loss = _loss(clone, batch, loss_fn, device, temperature, batch_loss)
+            for acc, gb in zip(g, _grads(loss, tensors)):
                 acc.add_(gb, alpha=1.0 / len(data))
         # Pass 2: Hg = d/dW (g · ∇L), summed over batches of the averaged loss.
         hg = [torch.zeros_like(t) for t in tensors]
         for batch in data:
-            loss = _loss(clone, batch, loss_fn, device, temperature) / len(data)
+            loss = _loss(clone, batch, loss_fn, device, temperature, batch_loss) / len(data)
             grad_f = _grads(loss, tensors, create_graph=True)
             z = sum((gi * fi).sum() for gi, fi in zip(g, grad_f) if fi.requires_grad)
             if isinstance(z, Tensor) and z.requires_grad:
@@ -462,19 +530,74 @@ def _linearize_(model: nn.Module) -> None:
             t.abs_()
 
 
+def _sum_of_rows(module: nn.Module, args: Any, out: Tensor) -> Tensor:
+    """Forward hook: an ``nn.Embedding`` looks up the all-ones one-hot vector, i.e. returns the sum of its rows."""
+    weight = module.weight
+    rows = weight.sum(0)
+    if module.padding_idx is not None:  # the padding row is never trained: it takes no part
+        rows = rows - weight[module.padding_idx]
+    return rows.expand_as(out)
+
+
+def _all_ones_embeddings_(clone: nn.Module) -> bool:
+    """Hook every ``nn.Embedding`` of ``clone`` with :func:`_sum_of_rows`; return whether there was one.
+
+    SynFlow feeds the linearised network an all-ones input. A lookup ``E[i]`` is the matmul ``onehot(i) @ E``, so
+    its all-ones input is ``1 @ E``, the sum of the rows, the same vector at every position; every row then gets
+    the same signal, as every input unit of a linear layer does.
+
+    Raises:
+        ValueError: an ``nn.EmbeddingBag`` (bags have no all-ones analogue of fixed size here).
+    """
+    found = False
+    for name, module in clone.named_modules():
+        if isinstance(module, nn.EmbeddingBag):
+            raise ValueError(
+                f"synflow cannot score a model with an nn.EmbeddingBag ({name!r}): its all-ones input has no fixed "
+                "shape; use a data-driven criterion ('snip', 'grasp') or 'magnitude'"
+            )
+        if isinstance(module, nn.Embedding):
+            module.register_forward_hook(_sum_of_rows)
+            found = True
+    return found
+
+
 def _synflow_pass(
-    clone: nn.Module, tensors: Sequence[Tensor], input_shape: tuple[int, ...], dtype: torch.dtype
+    clone: nn.Module,
+    tensors: Sequence[Tensor],
+    input_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    tokens: bool = False,
 ) -> list[Tensor]:
-    """One SynFlow pass on an already linearised copy: ``|∂R/∂W ⊙ W|`` with ``R = sum(f(1))``."""
+    """One SynFlow pass on an already linearised copy: ``|∂R/∂W ⊙ W|`` with ``R = sum(f(1))``.
+
+    ``tokens``: the model embeds token ids; it gets int64 zeros of ``(1, *input_shape)`` and its embeddings return
+    the sum of their rows (:func:`_all_ones_embeddings_`). Otherwise the input is ``ones((1, *input_shape))``.
+    """
     device = tensors[0].device
-    ones = torch.ones((1, *input_shape), dtype=dtype, device=device)
-    out = clone(ones)
+    if tokens:
+        inputs = torch.zeros((1, *input_shape), dtype=torch.long, device=device)
+        kind = "int64 token ids (every nn.Embedding returning the sum of its rows: an all-ones one-hot input)"
+    else:
+        inputs = torch.ones((1, *input_shape), dtype=dtype, device=device)
+        kind = f"an all-ones {dtype} tensor"
+    try:
+        out = clone(inputs)
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"synflow fed {kind} of shape {tuple(inputs.shape)} to the model, which raised "
+            f"{type(err).__name__}: {err}. SynFlow needs a model that maps this input to a Tensor: check "
+            "input_shape (one sample without the batch dimension; (seq_len,) for a token model), or use a "
+            "data-driven criterion ('snip') or 'magnitude'"
+        ) from err
     if not isinstance(out, Tensor):
         raise TypeError(f"the model must return a Tensor to be scored, got {type(out).__name__}")
     r = out.sum()
     if not torch.isfinite(r):
         raise ValueError(
-            f"the SynFlow objective R = sum(f(1)) is {r.item()} in {dtype}; pass double=True to compute in float64"
+            f"the SynFlow objective R = sum(f(1)) is {r.item()} in {dtype}; pass double=True to compute in float64 "
+            "(a float buffer holding -inf, such as an additive attention mask, becomes +inf under |·|: use a "
+            "bool mask)"
         )
     grads = _grads(r, tensors)
     return [(g * t.detach()).abs() for g, t in zip(grads, tensors)]
@@ -482,7 +605,7 @@ def _synflow_pass(
 
 def _synflow_setup(
     model: nn.Module, names: Sequence[str], mask_map: Mapping[str, Tensor], double: bool
-) -> tuple[nn.Module, list[Tensor], torch.dtype]:
+) -> tuple[nn.Module, list[Tensor], torch.dtype, bool]:
     clone, cparams = _scoring_copy(model, names)
     if double:
         clone.double()
@@ -492,7 +615,8 @@ def _synflow_setup(
     dtype = torch.float64 if double else tensors[0].dtype
     if not torch.is_floating_point(tensors[0]):
         raise TypeError(f"synflow needs floating-point parameters, got {tensors[0].dtype} for {names[0]!r}")
-    return clone, tensors, dtype
+    tokens = _all_ones_embeddings_(clone)
+    return clone, tensors, dtype, tokens
 
 
 def synflow_scores(
@@ -509,7 +633,10 @@ def synflow_scores(
     biases, BN affine parameters **and BN running statistics** (as Synaptic-Flow and upstream STR do, Q27; the
     running variance is positive anyway, the running mean becomes ``|mean|``). BN normalises with these running
     statistics. The masks are applied, an all-ones input of shape ``(1, *input_shape)`` is fed forward, and
-    ``R = sum(output)`` is backpropagated. For a bias-free ReLU network the per-layer score sums all equal ``R``
+    ``R = sum(output)`` is backpropagated. **Token models**: when the model has an ``nn.Embedding``, the input is
+    int64 token ids of shape ``(1, *input_shape)`` (``input_shape = (seq_len,)``) and every embedding returns the sum
+    of its rows at every position: a lookup is ``onehot(i) @ E``, so its all-ones input is ``1 @ E`` (the padding row
+    excluded). An ``nn.EmbeddingBag`` raises (no fixed-size all-ones bag). For a bias-free ReLU network the per-layer score sums all equal ``R``
     (the conservation law of the paper). The model passed in is untouched (the copy is discarded), so its signs
     and values are exactly as before.
 
@@ -525,7 +652,8 @@ def synflow_scores(
         extended range survives.
 
     Raises:
-        ValueError: ``input_shape`` missing, unknown names, a mask that does not fit, or ``R`` not finite.
+        ValueError: ``input_shape`` missing, unknown names, a mask that does not fit, ``R`` not finite, the model
+            failing on the all-ones input (the message says what was fed), or an ``nn.EmbeddingBag``.
     """
     _check_model(model)
     shape = _check_input_shape(input_shape)
@@ -533,8 +661,8 @@ def synflow_scores(
     mask_map = _check_masks(model, masks)
     names = list(params)
     with _isolated_rng(model), _grad_enabled():
-        clone, tensors, dtype = _synflow_setup(model, names, mask_map, bool(double))
-        scores = dict(zip(names, _synflow_pass(clone, tensors, shape, dtype)))
+        clone, tensors, dtype, tokens = _synflow_setup(model, names, mask_map, bool(double))
+        scores = dict(zip(names, _synflow_pass(clone, tensors, shape, dtype, tokens)))
     _mask_scores_(scores, mask_map)
     return _finish(scores, params, keep_dtype=bool(double))
 
@@ -695,7 +823,7 @@ def synflow_masks(
     mask_map = _check_masks(model, masks)
     names = list(params)
     with _isolated_rng(model), _grad_enabled():
-        clone, tensors, dtype = _synflow_setup(model, names, mask_map, bool(double))
+        clone, tensors, dtype, tokens = _synflow_setup(model, names, mask_map, bool(double))
         base = [t.detach().clone() for t in tensors]  # |W| ⊙ M_initial
         current = {
             n: mask_map.get(n, torch.ones_like(t, dtype=torch.bool)).to(t.device)
@@ -707,7 +835,7 @@ def synflow_masks(
             with torch.no_grad():
                 for n, t, b in zip(names, tensors, base):
                     t.copy_(b * current[n].to(b.dtype))
-            scores = dict(zip(names, _synflow_pass(clone, tensors, shape, dtype)))
+            scores = dict(zip(names, _synflow_pass(clone, tensors, shape, dtype, tokens)))
             target = density if r == rounds else density ** (r / rounds)
             current = _select(scores, target, scope, current, clip=r < rounds)
     return {n: current[n].to(params[n].device) for n in names}
@@ -728,8 +856,9 @@ def compute_scores(
     model: nn.Module,
     names: Sequence[str],
     *,
-    batches: Iterable[Batch] | None = None,
+    batches: Iterable[Any] | None = None,
     loss_fn: LossFn = F.cross_entropy,
+    batch_loss: BatchLoss | None = None,
     num_batches: int = 1,
     temperature: float = 200.0,
     input_shape: Sequence[int] | None = None,
@@ -739,7 +868,7 @@ def compute_scores(
 ) -> dict[str, Tensor]:
     """Single-shot scores for ``criterion`` (one of :data:`SCORE_CRITERIA`); larger means keep.
 
-    Each criterion reads only its own arguments: ``batches``/``loss_fn``/``num_batches`` (snip, grasp),
+    Each criterion reads only its own arguments: ``batches``/``loss_fn``/``batch_loss``/``num_batches`` (snip, grasp),
     ``temperature`` (grasp), ``input_shape``/``double`` (synflow), ``seed`` (random); ``masks`` applies to all.
     For iterative SynFlow use :func:`prune_at_init` or :func:`synflow_masks`.
 
@@ -752,18 +881,16 @@ def compute_scores(
         return magnitude_scores(model, names, masks=masks)
     if criterion == "random":
         return random_scores(model, names, seed=seed, masks=masks)
+    data: dict[str, Any] = {
+        "loss_fn": loss_fn,
+        "batch_loss": batch_loss,
+        "num_batches": num_batches,
+        "masks": masks,
+    }
     if criterion == "snip":
-        return snip_scores(model, names, batches, loss_fn=loss_fn, num_batches=num_batches, masks=masks)
+        return snip_scores(model, names, batches, **data)
     if criterion == "grasp":
-        return grasp_scores(
-            model,
-            names,
-            batches,
-            loss_fn=loss_fn,
-            num_batches=num_batches,
-            temperature=temperature,
-            masks=masks,
-        )
+        return grasp_scores(model, names, batches, temperature=temperature, **data)
     return synflow_scores(model, names, input_shape=input_shape, masks=masks, double=double)
 
 
@@ -774,8 +901,9 @@ def prune_at_init(
     density: float,
     *,
     scope: Scope = "global",
-    batches: Iterable[Batch] | None = None,
+    batches: Iterable[Any] | None = None,
     loss_fn: LossFn = F.cross_entropy,
+    batch_loss: BatchLoss | None = None,
     num_batches: int = 1,
     temperature: float = 200.0,
     input_shape: Sequence[int] | None = None,
@@ -796,7 +924,7 @@ def prune_at_init(
         names: FQNs of the parameters to prune.
         density: fraction kept, in (0, 1]: of all ``names`` together (global) or of each (layerwise).
         scope: ``"global"`` (one threshold over all layers) or ``"layerwise"``.
-        batches, loss_fn, num_batches, temperature: data for snip/grasp (see :func:`snip_scores`,
+        batches, loss_fn, batch_loss, num_batches, temperature: data for snip/grasp (see :func:`snip_scores`,
             :func:`grasp_scores`).
         input_shape, rounds, double: for synflow (see :func:`synflow_masks`).
         seed: for random.
@@ -829,6 +957,7 @@ def prune_at_init(
         names,
         batches=batches,
         loss_fn=loss_fn,
+        batch_loss=batch_loss,
         num_batches=num_batches,
         temperature=temperature,
         seed=seed,

@@ -8,7 +8,7 @@ import re
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import make_trainer
+from conftest import PlainModule, make_trainer, random_loader
 from torch import nn
 
 from er_lightning import SparseLightningModule
@@ -16,6 +16,7 @@ from er_lightning.callbacks import RigL, StaticSparsity
 from er_lightning.data import SyntheticTokensDataModule
 from er_lightning.masking.masked import count_zeros
 from er_lightning.sparsity import layer_densities
+from er_lightning.sparsity.scores import prune_at_init
 from er_lightning.sparsity.topk import exact_count
 
 LM_TARGETS = [
@@ -149,8 +150,11 @@ class TwoOptimizers(pl.LightningModule):
         self.raw_optimizer = raw_optimizer
         self.steps = 0
 
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.gen(z)
+
     def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
-        (z,) = batch
+        z = batch[0]
         opt_g, opt_d = self.optimizers(use_pl_optimizer=not self.raw_optimizer)
         fake = self.gen(z)
         loss_d = self.disc(fake.detach()).mean() - self.disc(torch.randn_like(fake)).mean()
@@ -190,3 +194,101 @@ def test_manual_optimization_with_two_optimizers_keeps_masks_exact(tmp_path, raw
                 if p in opt.state:
                     assert (opt.state[p][key][~mask] == 0).all(), (name, key)
     assert cb._step_hooks == []  # removed at the end of fit
+
+
+# ---------------------------------------------------------------------------------------------- scores from the module
+def _setup_only(cb, module, datamodule, tmp_path) -> pl.Trainer:  # noqa: ANN001
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.strategy.connect(module)
+    module.trainer = trainer  # type: ignore[misc]
+    trainer.datamodule = datamodule  # type: ignore[misc]
+    datamodule.trainer = trainer
+    cb.setup(trainer, module, "fit")
+    return trainer
+
+
+def _flat_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def test_snip_on_the_lm_takes_the_loss_from_training_step(tmp_path):
+    module = _lm()
+    names = LM_TARGETS
+    dm = _tokens()
+    batches = [next(iter(dm.train_dataloader()))]
+    # the LM's training_step is token-level cross-entropy: the same masks as that loss given by hand
+    expected = prune_at_init("snip", module, names, 0.1, batches=batches, loss_fn=_flat_ce)
+    cb = StaticSparsity(density=0.1, distribution="snip", placement="scores", embeddings=True)
+    _setup_only(cb, module, dm, tmp_path)
+    for n in names:
+        assert torch.equal(cb.masked.masks[n], expected[n]), n
+    assert sum(int(m.sum()) for m in cb.masked.masks.values()) == round(
+        0.1 * sum(m.numel() for m in cb.masked.masks.values())
+    )
+
+
+class SquaredErrorModule(PlainModule):
+    """Trains on a squared error of the logits, not on cross-entropy: SNIP/GraSP must use this loss."""
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        self.log("train/loss", 0.0)  # logging on the scoring copy is dropped, not an error
+        return {"loss": _squared_error(self(x), y)}
+
+
+def _squared_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((logits - nn.functional.one_hot(y, 10).float()) ** 2).sum(-1).mean()
+
+
+@pytest.mark.parametrize("criterion", ["snip", "grasp"])
+def test_scores_use_the_modules_own_loss_or_loss_fn(tmp_path, criterion):
+    torch.manual_seed(0)
+    module = SquaredErrorModule()
+    loader = random_loader()
+    names = ["net.conv1.weight", "net.conv2.weight", "net.fc.weight"]
+    batches = [next(iter(loader))]
+    own = prune_at_init(criterion, module, names, 0.2, batches=batches, loss_fn=_squared_error)
+    ce = prune_at_init(criterion, module, names, 0.2, batches=batches)
+    assert any(not torch.equal(own[n], ce[n]) for n in names)
+    for loss_fn, expected in ((None, own), (nn.functional.cross_entropy, ce)):
+        cb = StaticSparsity(density=0.2, distribution=criterion, placement="scores", loss_fn=loss_fn)
+        trainer = make_trainer(tmp_path, [cb])
+        trainer.fit_loop._data_source.instance = None  # only the module's own loader below
+        module.train_dataloader = lambda: loader  # type: ignore[method-assign]
+        trainer.strategy.connect(module)
+        module.trainer = trainer  # type: ignore[misc]
+        cb.setup(trainer, module, "fit")
+        for n in names:
+            assert torch.equal(cb.masked.masks[n], expected[n].cpu()), (criterion, loss_fn, n)
+        torch.manual_seed(0)
+        module = SquaredErrorModule()
+
+
+def test_manual_optimization_needs_loss_fn_for_snip(tmp_path):
+    module = TwoOptimizers(raw_optimizer=False)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randn(16, 8)), batch_size=8
+    )
+    cb = StaticSparsity(density=0.3, distribution="snip")
+    trainer = make_trainer(tmp_path, [cb])
+    with pytest.raises(ValueError, match="manual optimization .* Pass loss_fn"):
+        trainer.fit(module, train_dataloaders=loader)
+    cb = StaticSparsity(density=0.3, distribution="snip", loss_fn=nn.functional.mse_loss)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2)
+    trainer.fit(module, train_dataloaders=loader)
+    assert sum(int(m.sum()) for m in cb.masked.masks.values()) == round(
+        0.3 * sum(m.numel() for m in cb.masked.masks.values())
+    )
+
+
+@pytest.mark.parametrize("criterion", ["synflow", "grasp"])
+def test_synflow_and_grasp_run_on_the_lm(tmp_path, criterion):
+    module = _lm()
+    cb = StaticSparsity(density=0.1, distribution=criterion, embeddings=True, rounds=5)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2)
+    trainer.fit(module, datamodule=_tokens())
+    assert cb.masked.names == LM_TARGETS
+    for name, mask in cb.masked.masks.items():
+        # placement="random": ER masks with the criterion's layer ratios, exact count per tensor
+        assert int(mask.sum()) == exact_count(cb.target_densities[name], mask.numel())
+        assert (dict(module.named_parameters())[name][~mask] == 0).all()
