@@ -13,16 +13,20 @@ Example:
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
+from er_lightning.callbacks.checkpoint import ResumableCheckpoint
 from er_lightning.module import SparseLightningModule
 
-__all__ = ["TRAINER_DEFAULTS", "SparseCLI", "main"]
+__all__ = ["TRAINER_DEFAULTS", "SparseCLI", "find_last_checkpoint", "main"]
 
 #: Trainer defaults of the CLI: TensorBoard logs under ``runs/<name>/version_N`` (configs set ``name``).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -33,20 +37,89 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class SparseCLI(LightningCLI):
-    """``LightningCLI`` with a configurable ``checkpoint`` (a ``ModelCheckpoint`` keeping ``last.ckpt``).
+#: ``last.ckpt``, ``last-v1.ckpt``, ...: the names ``ModelCheckpoint(save_last=True)`` writes.
+_LAST_NAME = re.compile(r"^last(-v\d+)?\.ckpt$")
 
-    The checkpoint callback is always present, so ``test --ckpt_path last`` can find the last checkpoint of a
-    previous ``fit``. By default it writes into the run's log folder (``runs/<name>/version_N/checkpoints``), which
-    a later process cannot know; set ``checkpoint.dirpath`` to a fixed folder in the config when a separate
-    ``test``/``validate`` run should pick up ``last`` (``configs/quickstart.yaml`` does).
+
+def find_last_checkpoint(dirpath: str | os.PathLike[str]) -> str | None:
+    """The newest ``last*.ckpt`` in ``dirpath`` (as Lightning resolves ``ckpt_path="last"``), or ``None``."""
+    folder = Path(dirpath)
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.iterdir() if p.is_file() and _LAST_NAME.match(p.name)]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+class SparseCLI(LightningCLI):
+    """``LightningCLI`` with a configurable ``checkpoint`` (a :class:`ResumableCheckpoint` keeping ``last.ckpt``).
+
+    The checkpoint callback is always present and refreshes ``last.ckpt`` at the end of every epoch, whatever it
+    monitors, so a killed run resumes with ``--ckpt_path last`` and ``test --ckpt_path last`` finds the last
+    checkpoint of a previous ``fit``. By default it writes into the run's log folder
+    (``runs/<name>/version_N/checkpoints``), which a later process cannot know; every shipped config sets
+    ``checkpoint.dirpath`` to a fixed folder.
+
+    ``--ckpt_path last`` is resolved here, before anything is built: to the newest ``last*.ckpt`` in
+    ``checkpoint.dirpath``, and an error when there is none (Lightning would warn and train from scratch).
+    As for any checkpoint path, ``LightningCLI`` then takes the module's hyper-parameters (``model.*``) from the
+    checkpoint, so ``--model.lr 0.5`` on a resume has no effect: a warning lists every such value; start a new run
+    (or load the weights into a fresh one) to change them.
     """
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Add the ``checkpoint`` group (``ModelCheckpoint`` arguments, ``save_last`` on by default)."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        """Add the ``checkpoint`` group (``ResumableCheckpoint`` arguments, ``save_last`` on by default)."""
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``ckpt_path="last"`` loudly, then load hyper-parameters and say which given values they replace."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return super()._parse_ckpt_path()
+        config = self.config[subcommand]
+        if config.get("ckpt_path") == "last":
+            dirpath = config.get("checkpoint.dirpath")
+            found = find_last_checkpoint(dirpath) if dirpath else None
+            if found is None:
+                where = (
+                    f"no last*.ckpt in checkpoint.dirpath={dirpath!r}"
+                    if dirpath
+                    else "checkpoint.dirpath is not set, so the checkpoints of an earlier run are in its own "
+                    "runs/<name>/version_N/checkpoints folder"
+                )
+                raise FileNotFoundError(
+                    f"{subcommand} --ckpt_path last: {where}. Nothing to resume from, so nothing was run (Lightning "
+                    "would silently start from scratch). Pass the checkpoint file (--ckpt_path PATH), set "
+                    "--checkpoint.dirpath to the folder of the earlier run, or drop --ckpt_path to start a new run"
+                )
+            config["ckpt_path"] = found
+        given = _flat(config.get("model"))
+        super()._parse_ckpt_path()
+        loaded = _flat(self.config[subcommand].get("model"))
+        replaced = {k: (v, loaded.get(k)) for k, v in given.items() if k in loaded and loaded[k] != v}
+        if replaced:
+            detail = ", ".join(f"model.{k}: given {a!r}, checkpoint {b!r}" for k, (a, b) in replaced.items())
+            rank_zero_warn(
+                f"{subcommand} --ckpt_path {self.config[subcommand].get('ckpt_path')}: the module's "
+                f"hyper-parameters come from the checkpoint, so these given values are ignored: {detail}. "
+                "Start a new run to change them."
+            )
+
+
+def _flat(namespace: Any) -> dict[str, Any]:
+    """A jsonargparse namespace (or dict) as ``{"a.b": value}``."""
+    if namespace is None:
+        return {}
+    items = namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
+    out: dict[str, Any] = {}
+    for key, value in items.items():
+        if isinstance(value, dict) and value and "class_path" not in value:
+            out.update({f"{key}.{k}": v for k, v in _flat(value).items()})
+        else:
+            out[key] = value
+    return out
 
 
 def main(args: ArgsType = None, run: bool = True) -> SparseCLI:

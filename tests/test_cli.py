@@ -11,6 +11,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from er_lightning.callbacks.checkpoint import ResumableCheckpoint
 from er_lightning.cli import main
 from er_lightning.module import SparseLightningModule
 
@@ -128,6 +129,9 @@ def test_every_config_parses_and_instantiates(
     assert cli.model.num_classes == printed["model"]["num_classes"]
     assert getattr(cli.datamodule, "num_classes", cli.model.num_classes) == cli.model.num_classes
     assert list(tmp_path.iterdir()) == []
+    # A resumable last.ckpt every epoch, whatever the config monitors (tests/integration/test_resume.py).
+    (checkpoint,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ResumableCheckpoint)]
+    assert checkpoint.save_last is True and checkpoint.dirpath
 
 
 def test_trainer_fragments_compose(capsys: pytest.CaptureFixture[str]) -> None:

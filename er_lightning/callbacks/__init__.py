@@ -7,9 +7,12 @@
 | :class:`SET`, :class:`RigL`, :class:`GraNet`, :class:`GMP` | dynamic sparse training from an ER start |
 | :class:`Supermask` | strong lottery tickets: edge-popup scores inside a random ER mask |
 | :class:`SoftThreshold` | STR soft thresholds on a random ER support |
+
+:class:`ResumableCheckpoint` is a ``ModelCheckpoint`` that refreshes ``last.ckpt`` every epoch (the CLI's default).
 """
 
 from er_lightning.callbacks.base import DISTRIBUTION_ALIASES, SparsityCallback
+from er_lightning.callbacks.checkpoint import ResumableCheckpoint
 from er_lightning.callbacks.dynamic import GMP, SET, DynamicSparsity, GraNet, RigL
 from er_lightning.callbacks.imp import IterativeMagnitudePruning
 from er_lightning.callbacks.soft_threshold import SoftThreshold
@@ -23,6 +26,7 @@ __all__ = [
     "DynamicSparsity",
     "GraNet",
     "IterativeMagnitudePruning",
+    "ResumableCheckpoint",
     "RigL",
     "SoftThreshold",
     "SparsityCallback",

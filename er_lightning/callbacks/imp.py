@@ -48,7 +48,9 @@ class IterativeMagnitudePruning(SparsityCallback):
        Other LightningModules keep their schedule running across levels (a warning says so); reset it yourself
        in the module's ``on_train_epoch_start`` if needed;
     5. writes the new mask to ``save_dir/level_{i}.pt`` (``level_0.pt`` is the starting mask), loadable with
-       ``StaticSparsity(distribution="from_mask", mask_file=...)`` (ER_imp: ``placement="random"``).
+       ``StaticSparsity(distribution="from_mask", mask_file=...)`` (ER_imp: ``placement="random"``). The folder
+       is part of the checkpoint state: a resumed run writes its levels next to the earlier ones (not into its
+       own ``version_N``), so one folder holds every level.
 
     Level densities: ``densities`` if given, else ``density · prune_factor**i`` for ``i = 1..levels``. After the
     last prune, training simply continues with the final mask until ``max_epochs``, so a run needs
@@ -75,8 +77,8 @@ class IterativeMagnitudePruning(SparsityCallback):
             the rewind point.
         reset_optimizer: clear the optimizer state at each prune.
         reset_lr_schedule: restart the LR schedule for each segment (see above).
-        save_dir: folder for ``level_{i}.pt``; default ``<trainer.log_dir>/imp_masks`` (``default_root_dir``
-            without a logger).
+        save_dir: folder for ``level_{i}.pt``; default ``<trainer.log_dir>/imp_masks`` of the run that started
+            (``default_root_dir`` without a logger), kept on resume.
         density: density of the starting mask, in (0, 1]; 1.0 starts dense.
         distribution: layer-wise rule of the starting mask (see ``SparsityCallback``).
         **kwargs: the other arguments of :class:`~er_lightning.callbacks.base.SparsityCallback`.
@@ -222,9 +224,12 @@ class IterativeMagnitudePruning(SparsityCallback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        # trainer.log_dir broadcasts from rank 0: call it on every rank.
-        self._mask_dir = self.save_dir or os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "imp_masks"
+        # A resumed run keeps writing where the interrupted one did (its log_dir is a new version_N); every rank
+        # holds the same restored state. trainer.log_dir broadcasts from rank 0: call it on every rank.
+        self._mask_dir = (
+            self.save_dir
+            or self._mask_dir
+            or os.path.join(trainer.log_dir or trainer.default_root_dir, "imp_masks")
         )
         needed = self.levels * self.epochs_per_level
         max_epochs = trainer.max_epochs
@@ -384,6 +389,7 @@ class IterativeMagnitudePruning(SparsityCallback):
                 "level": self.level,
                 "start_counts": dict(self.start_counts),
                 "rewind": self._rewind,
+                "mask_dir": self._mask_dir,
             }
         return state
 
@@ -394,6 +400,8 @@ class IterativeMagnitudePruning(SparsityCallback):
             raise RuntimeError(f"{type(self).__name__} checkpoint state has no IMP progress ('imp' entry)")
         self.level = int(imp["level"])
         self.start_counts = {n: int(k) for n, k in imp["start_counts"].items()}
+        mask_dir = imp.get("mask_dir")  # absent in older checkpoints: on_fit_start picks the default folder
+        self._mask_dir = os.fspath(mask_dir) if isinstance(mask_dir, str) and mask_dir else self._mask_dir
         rewind = imp.get("rewind")
         self._rewind = (
             None

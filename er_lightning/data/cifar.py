@@ -3,8 +3,11 @@
 Files are found and downloaded with the names, URLs and checksums of torchvision's ``CIFAR10``/``CIFAR100``; the
 pickles are then read here (same format, same result as torchvision) instead of through those classes, because
 torchvision re-hashes all ~180 MB at every construction and refuses any file whose MD5 differs, which would also
-reject the small synthetic batches the tests write. Reading ourselves also lets errors name the missing file.
-The archive's checksum is still verified when ``download=True`` fetches it.
+reject the small synthetic batches the tests write. Reading ourselves also lets errors name the missing file, and
+lets us unpickle safely: torchvision calls plain ``pickle.load``, which runs whatever a crafted ``data_batch_1``
+holds, while :class:`_CifarUnpickler` builds only what official files contain (dicts, lists, bytes, str, ints and
+uint8 numpy arrays) and refuses anything else with an error naming the file. The archive's checksum is still
+verified when ``download=True`` fetches it.
 """
 
 from __future__ import annotations
@@ -50,9 +53,85 @@ def _decode(value: Any) -> Any:
     return value.decode("latin1") if isinstance(value, bytes) else value
 
 
-def _read_pickle(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        entry = pickle.load(handle, encoding="latin1")
+def _uint8_dtype(name: Any, align: Any = False, copy: Any = False) -> np.dtype[Any]:
+    """``numpy.dtype`` as a pickle calls it, for ``uint8`` only (the only array dtype in CIFAR files)."""
+    dtype = np.dtype(name) if isinstance(name, str) and name in ("u1", "uint8", "|u1") else None
+    if dtype is None:
+        raise pickle.UnpicklingError(f"numpy.dtype({name!r}): only uint8 arrays are allowed")
+    return dtype
+
+
+def _reconstruct(cls: Any, shape: Any, dtype_char: Any) -> np.ndarray:
+    """``numpy``'s ``_reconstruct`` (protocols 0-4), for plain ndarrays only; the state then sets dtype and data."""
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError(f"_reconstruct({cls!r}): only numpy.ndarray is allowed")
+    return _NUMPY_RECONSTRUCT(cls, shape, dtype_char)
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """``numpy``'s ``_frombuffer`` (protocol 5): a uint8 array over a bytes buffer."""
+    if not isinstance(dtype, np.dtype) or dtype != np.uint8 or not isinstance(buffer, (bytes, bytearray)):
+        raise pickle.UnpicklingError(
+            f"_frombuffer({type(buffer).__name__}, {dtype!r}): only uint8 bytes are allowed"
+        )
+    return _NUMPY_FROMBUFFER(buffer, dtype, shape, order)
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles bytes at protocol 2: a ``str`` to ``bytes`` in latin-1."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+    return text.encode("latin1")
+
+
+_NUMPY_RECONSTRUCT = np.zeros(1, np.uint8).__reduce__()[0]
+_NUMPY_FROMBUFFER = np.zeros(1, np.uint8).__reduce_ex__(5)[0]
+
+#: The only globals an official CIFAR pickle (Python 2, numpy 1.x) or a Python 3 rewrite of one may name:
+#: numpy's ndarray reconstruction and dtype, and the bytes encoding of protocol 2. Each is admitted in a form
+#: that accepts uint8 arrays only; everything else (os.system, builtins.eval, ...) is refused.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _uint8_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_ALLOWED_GLOBALS`."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dicts, lists, bytes, str, ints and uint8 numpy arrays (what CIFAR files hold)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Return an allowed numpy/codecs callable; refuse every other global."""
+        allowed = _ALLOWED_GLOBALS.get((module, name))
+        if allowed is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return allowed
+
+
+def _read_pickle(path: Path, remedy: str) -> dict[str, Any]:
+    """Read one CIFAR pickle with :class:`_CifarUnpickler`; any refusal or damage names the file and ``remedy``."""
+    try:
+        with path.open("rb") as handle:
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
+    except _RefusedGlobal as err:
+        raise ValueError(
+            f"{path}: refusing to unpickle {err}: official CIFAR files hold only dicts, lists, bytes, str, ints "
+            "and uint8 arrays, so this file was not written by the CIFAR authors and would run code if loaded "
+            f"with pickle. Delete it and {remedy}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - truncated or garbage: EOFError, UnpicklingError, ValueError, ...
+        raise ValueError(
+            f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); the file is truncated or "
+            f"damaged. Delete it and {remedy}"
+        ) from err
     if not isinstance(entry, dict):
         raise ValueError(f"{path}: expected a pickled dict (CIFAR python format), got {type(entry).__name__}")
     # Python 2 pickles decode their keys to str with encoding="latin1"; files written by Python 3 keep bytes.
@@ -141,6 +220,15 @@ class _CIFARDataModule(ImageClassificationDataModule):
     def _missing_files(self) -> list[Path]:
         return [path for path in self._files(True) + self._files(False) if not path.is_file()]
 
+    def _redownload(self) -> str:
+        """How to get fresh files (the end of every "bad file" message)."""
+        tv = self._torchvision_class
+        return (
+            f"re-download: remove {self.folder} and run with `download: true` ({type(self).__name__}"
+            f"(download=True)), which fetches {tv.url} and checks its MD5, or extract {tv.filename} into "
+            f"{Path(self.data_dir).resolve()} yourself."
+        )
+
     def _not_found(self, path: Path) -> FileNotFoundError:
         tv = self._torchvision_class
         return FileNotFoundError(
@@ -163,7 +251,7 @@ class _CIFARDataModule(ImageClassificationDataModule):
         images: list[np.ndarray] = []
         targets: list[int] = []
         for path in self._files(train):
-            entry = _read_pickle(path)
+            entry = _read_pickle(path, self._redownload())
             if "data" not in entry or self._label_key not in entry:
                 raise ValueError(
                     f"{path}: expected keys 'data' and '{self._label_key}' (CIFAR python format), got "
@@ -190,7 +278,7 @@ class _CIFARDataModule(ImageClassificationDataModule):
         meta = self._torchvision_class.meta
         path = self.folder / meta["filename"]
         if self.class_names is None and path.is_file():
-            names = _read_pickle(path).get(meta["key"])
+            names = _read_pickle(path, self._redownload()).get(meta["key"])
             if names is not None:
                 self.class_names = [str(_decode(name)) for name in names]
 

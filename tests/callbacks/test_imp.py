@@ -376,3 +376,38 @@ def test_imp_masks_identical_on_two_ranks(tmp_path):
         assert torch.equal(r0["model"][name], r1["model"][name]), name
         assert (r0["model"][name][~m0[name]] == 0).all()
     assert (tmp_path / "imp_masks" / "level_1.pt").is_file()
+
+
+def test_resumed_run_writes_its_levels_into_the_first_runs_folder(tmp_path):
+    """Default save_dir: a resume logs to version_1 but keeps every level in version_0/imp_masks (issue 12 #2)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    def fit(max_epochs: int, ckpt_path=None) -> IterativeMagnitudePruning:  # noqa: ANN001
+        cb = IterativeMagnitudePruning(epochs_per_level=1, levels=3)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=True)
+        logger = TensorBoardLogger(str(tmp_path / "runs"), name="imp")
+        trainer = make_trainer(
+            tmp_path,
+            [cb, ckpt],
+            max_steps=-1,
+            max_epochs=max_epochs,
+            logger=logger,
+            enable_checkpointing=True,
+        )
+        torch.manual_seed(0)
+        trainer.fit(PlainModule(), random_loader(n=32), ckpt_path=ckpt_path)
+        return cb
+
+    first = fit(2)
+    assert first.level == 2
+    resumed = fit(4, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.level == 3
+    runs = tmp_path / "runs" / "imp"
+    assert (runs / "version_1").is_dir()  # the resumed run has its own log folder ...
+    assert Path(resumed.mask_dir) == runs / "version_0" / "imp_masks"  # ... but not its own mask folder
+    assert sorted(p.name for p in (runs / "version_0" / "imp_masks").iterdir()) == [
+        f"level_{i}.pt" for i in range(4)
+    ]
+    assert not (runs / "version_1" / "imp_masks").exists()
+    final = load_masks(runs / "version_0" / "imp_masks" / "level_3.pt", SHAPES)
+    assert all(torch.equal(final[n], resumed.masked.masks[n]) for n in NAMES)

@@ -352,3 +352,69 @@ def test_hyperparameters_saved(tmp_path: Path) -> None:
     dm = CIFAR100DataModule(data_dir=str(tmp_path), val_split=0.1, normalization="str")
     assert dm.hparams["val_split"] == 0.1 and dm.hparams["normalization"] == "str"
     assert dm.hparams["data_dir"] == str(tmp_path)
+
+
+class _Payload:
+    """Unpickling this runs ``exec``: what a crafted CIFAR file could hide (issue 12 #3)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("victim", ["data_batch_1", "batches.meta"])
+def test_crafted_pickle_is_refused_without_running_its_payload(tmp_path: Path, victim: str) -> None:
+    write_cifar10(tmp_path)
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "cifar-10-batches-py" / victim
+    entry = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1], "label_names": _Payload(marker)}
+    with path.open("wb") as handle:
+        pickle.dump(entry, handle, protocol=2)
+    with pytest.raises(ValueError, match=r"refusing to unpickle (__builtin__|builtins)\.exec") as info:
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup("fit")
+    assert not marker.exists()
+    message = str(info.value)
+    assert str(path) in message and "download: true" in message and "cifar-10-python.tar.gz" in message
+
+
+def test_non_uint8_array_is_refused(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    _dump(path, {"data": np.zeros((2, 3072), np.float64), "labels": [0, 1]}, True)
+    with pytest.raises(ValueError, match=r"test_batch: .*only uint8 arrays are allowed"):
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup("test")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_file_names_the_file_and_how_to_redownload(tmp_path: Path, damage: str) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    whole = path.read_bytes()
+    path.write_bytes(
+        {"truncated": whole[: len(whole) // 2], "garbage": b"\x00not a pickle" * 50, "empty": b""}[damage]
+    )
+    with pytest.raises(ValueError, match="not a readable CIFAR pickle") as info:
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup("test")
+    message = str(info.value)
+    assert str(path) in message and "truncated or damaged" in message and "re-download" in message
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5, "numpy1"])
+def test_official_layouts_still_load(tmp_path: Path, protocol: int | str) -> None:
+    """Python 2 / numpy 1.x files name numpy.core.multiarray; Python 3 rewrites use protocols 2-5."""
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    entry = {"data": data, "labels": [4, 7]}
+    blob = pickle.dumps(entry, protocol=2 if protocol == "numpy1" else protocol)
+    if protocol == "numpy1":
+        blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        assert b"cnumpy.core.multiarray\n_reconstruct" in blob
+    path.write_bytes(blob)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), normalization="none", augment=False)
+    dm.setup("test")
+    image, label = dm.test_dataset[1]
+    assert label == 7
+    assert torch.equal((image * 255).round().to(torch.uint8).reshape(-1), torch.from_numpy(data[1]))
