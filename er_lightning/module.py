@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from er_lightning.masking.io import SPARSE_CHECKPOINT_KEY
 from er_lightning.masking.targets import default_targets
 from er_lightning.sparsity.checks import check_choice
 
@@ -446,16 +447,18 @@ class SparseLightningModule(pl.LightningModule):
         per_epoch = self._steps_per_epoch
         cycle = float(self.schedule_steps) if self.schedule_steps is not None else self._total_steps
         milestones = hp.milestones
-        if milestones is None:
+        if milestones is None and hp.lr_schedule == "multistep":
             cycle_epochs = cycle / per_epoch
             milestones = [cycle_epochs / 2, 3 * cycle_epochs / 4]
+        # A constant schedule without warm-up needs no run length (max_epochs=-1 and max_steps=-1 run forever).
+        warmup_steps = round(hp.warmup_epochs * per_epoch) if hp.warmup_epochs > 0 else 0
         return lr_multiplier(
             scheduler_step - self.lr_schedule_offset,
             schedule=hp.lr_schedule,
             total_steps=cycle,
             steps_per_epoch=per_epoch,
-            warmup_steps=round(hp.warmup_epochs * per_epoch),
-            milestones=milestones,
+            warmup_steps=warmup_steps,
+            milestones=milestones or (),
             gamma=hp.gamma,
             floor=hp.min_lr / hp.lr,
         )
@@ -498,7 +501,35 @@ class SparseLightningModule(pl.LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
-        """Restore the LR cycle saved by :meth:`on_save_checkpoint` (absent in older checkpoints: defaults)."""
+        """Restore the LR cycle saved by :meth:`on_save_checkpoint` (absent in older checkpoints: defaults).
+
+        Raises:
+            RuntimeError: ``fit`` resumes a checkpoint trained sparse without the sparsity callback that trained
+                it (the run would continue dense); the message names the callback to add.
+        """
+        self._refuse_dense_resume(checkpoint)
         state = checkpoint.get("er_lightning_lr_schedule", {})
         self.lr_schedule_offset = int(state.get("offset", 0))
         self.schedule_steps = state.get("schedule_steps")
+
+    def _refuse_dense_resume(self, checkpoint: Mapping[str, Any]) -> None:
+        """Raise when ``fit`` resumes a sparse checkpoint without its sparsity callback (evaluation is fine)."""
+        trained_by = checkpoint.get(SPARSE_CHECKPOINT_KEY) or {}
+        trainer = self._trainer
+        if not trained_by or trainer is None or trainer.state.fn != "fit":
+            return
+        attached = {getattr(cb, "state_key", None) for cb in trainer.callbacks}
+        missing = {key: path for key, path in trained_by.items() if key not in attached}
+        if not missing:
+            return
+        wanted = []
+        for key, class_path in missing.items():
+            config = checkpoint.get("callbacks", {}).get(key, {}).get("config", {})
+            wanted.append(f"{class_path} (its mask settings in the checkpoint: {config})")
+        raise RuntimeError(
+            f"this checkpoint was trained sparse by {', '.join(wanted)}, but no such callback is attached to this "
+            "fit, so resuming would train the model dense. Add the callback with the arguments of the original "
+            "run (its config.yaml has them), e.g. trainer.callbacks: [{class_path: "
+            f"{next(iter(missing.values()))}, init_args: {{...}}}}]. To continue dense on purpose, start a new "
+            "fit from the weights only (SparseLightningModule.load_from_checkpoint(path), no ckpt_path)."
+        )

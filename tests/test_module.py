@@ -260,3 +260,33 @@ def test_bad_arguments_raise(kwargs: dict, match: str) -> None:
 def test_bad_backbone_type() -> None:
     with pytest.raises(TypeError, match="backbone"):
         SparseLightningModule(42)  # type: ignore[arg-type]
+
+
+def test_constant_schedule_runs_without_a_run_length() -> None:
+    """max_epochs=-1, max_steps=-1 with lr_schedule='constant' (issue 12 #11): no NaN, the lr stays put."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class StopAfter3(Callback):
+        lrs: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            trainer.should_stop = len(self.lrs) >= 3
+
+    module = SparseLightningModule(tiny_backbone(), lr=0.07, lr_schedule="constant")
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=4)
+    stop = StopAfter3()
+    trainer = pl.Trainer(
+        max_epochs=-1,
+        max_steps=-1,
+        callbacks=[stop],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    assert stop.lrs == [0.07, 0.07, 0.07]
+    assert trainer.global_step == 3

@@ -30,6 +30,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
+from er_lightning.masking.io import SPARSE_CHECKPOINT_KEY
 from er_lightning.masking.masked import MaskedParams, count_zeros
 from er_lightning.masking.targets import (
     LARGE_SHARE,
@@ -39,7 +40,7 @@ from er_lightning.masking.targets import (
     parameter_aliases,
     select_targets,
 )
-from er_lightning.sparsity.checks import check_density
+from er_lightning.sparsity.checks import check_density, check_patterns
 from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
 from er_lightning.sparsity.flow import preserve_flow_
 from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_repair_
@@ -177,6 +178,11 @@ class SparsityCallback(Callback):
             raise ValueError(
                 "distribution='custom' needs custom_densities: a mapping of parameter name -> density"
             )
+        if custom_densities is not None and self.distribution != "custom":
+            raise ValueError(
+                f"custom_densities is only read with distribution='custom', got distribution={distribution!r}; "
+                "set distribution='custom' to use them, or drop custom_densities"
+            )
         if ortho_steps < 1 or ortho_lr <= 0:
             raise ValueError(f"ortho_steps must be >= 1 and ortho_lr > 0, got {ortho_steps} and {ortho_lr}")
         if not math.isfinite(power_scale):
@@ -185,8 +191,8 @@ class SparsityCallback(Callback):
             raise TypeError(f"embeddings must be a bool (mask embedding tables or not), got {embeddings!r}")
         self.sampling = sampling
         self.seed = seed
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include = check_patterns(include, "include") or None
+        self.exclude = check_patterns(exclude, "exclude") or None
         self.embeddings = embeddings
         self.dense_first_layer = dense_first_layer
         self.dense_last_layer = dense_last_layer
@@ -208,6 +214,8 @@ class SparsityCallback(Callback):
         self._module_id: int | None = None
         self._logged_setup = False
         self._step_hooks: list[Any] = []
+        #: The fit-time weight work (init, zeroing, repairs) is done, or the weights came with a checkpoint.
+        self._weights_ready = False
 
     # ------------------------------------------------------------------ config
     def mask_config(self) -> dict[str, Any]:
@@ -306,36 +314,65 @@ class SparsityCallback(Callback):
                 f"{type(self).__name__} does not support the {strategy} strategy yet; use DDP ('ddp') or one device"
             )
         if self.masked is not None and self._module_id == id(pl_module):
-            self.masked.apply_()  # setup runs again for validate/test: keep the masks we have
+            # setup runs again for every stage: keep the masks we have. The fit-time weight work happens at the
+            # first `fit`, also when validate/test ran first; masks that were never applied zero nothing.
+            if stage == "fit" and not self._weights_ready:
+                self.prepare_weights_(trainer, pl_module)
+            elif self._weights_ready:
+                self.masked.apply_()
             return
         self._check_single_sparsity_callback(trainer)
         # Outside `fit` a fresh callback must not touch trained weights: evaluating a trained model with a new
         # callback instance would otherwise zero it at newly drawn positions. Masks are still drawn (the
-        # checkpoint's masks replace them when `ckpt_path` is given), but init, repairs and zeroing are skipped.
-        fitting = stage == "fit"
+        # checkpoint's masks replace them when `ckpt_path` is given), but init, repairs and zeroing wait for fit.
         names = self.select(pl_module)
         self._warn_large_dense(pl_module)
         params = dict(pl_module.named_parameters())
         shapes = {n: tuple(params[n].shape) for n in names}
         densities, masks = self.compute_masks(trainer, pl_module, shapes)
         self.target_densities = dict(densities)
-        if fitting:
-            self._init_weights(params, masks)
         self._preserve_flow(masks)
+        self._check_not_empty(masks)
         self.masked = MaskedParams({n: params[n] for n in names}, masks)
         self._module_id = id(pl_module)
-        if fitting:
-            self.masked.apply_()
-            if self.ortho_repair:
-                for name, p in zip(self.masked.names, self.masked.params):
-                    if p.dim() >= 2:
-                        ortho_repair_(
-                            p.data, self.masked.masks[name], steps=self.ortho_steps, lr=self.ortho_lr
-                        )
         self.sync_masks_(trainer)
-        if fitting:
-            self.masked.apply_()
+        if stage == "fit":
+            self.prepare_weights_(trainer, pl_module)
         self._log_table(pl_module)
+
+    def prepare_weights_(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The fit-time weight work, exactly once per callback: init, zero masked weights, orthogonality repair.
+
+        Runs at the first ``fit`` setup, whichever stage (``validate``, ``test``) came first, and never after the
+        masks were restored from a checkpoint (its weights are the trained ones).
+        """
+        assert self.masked is not None
+        self.init_weights_(pl_module)
+        self.masked.apply_()
+        if self.ortho_repair:
+            for name, p in zip(self.masked.names, self.masked.params):
+                if p.dim() >= 2:
+                    ortho_repair_(p.data, self.masked.masks[name], steps=self.ortho_steps, lr=self.ortho_lr)
+            self.masked.apply_()
+        self._weights_ready = True
+
+    def _check_not_empty(self, masks: Mapping[str, Tensor]) -> None:
+        """Raise when no weight is kept at all; warn, naming them, about layers that keep none."""
+        kept = {n: int(m.sum()) for n, m in masks.items()}
+        if not any(kept.values()):
+            total = sum(m.numel() for m in masks.values())
+            raise ValueError(
+                f"{type(self).__name__}: density={self.density} with distribution={self.distribution!r} keeps no "
+                f"weight in any of the {len(masks)} masked layers ({total} weights), so nothing could train; "
+                f"raise density (one weight is 1/{total} = {1 / max(total, 1):.3g} of them)"
+            )
+        collapsed = [n for n, k in kept.items() if k == 0]
+        if collapsed:
+            rank_zero_warn(
+                f"{type(self).__name__}: layers {collapsed} keep no weight at all (layer collapse at density "
+                f"{self.density}, distribution {self.distribution!r}); they block the signal. Raise density, use "
+                "another distribution (e.g. 'erk' keeps small layers denser), or leave them dense with exclude"
+            )
 
     def _check_single_sparsity_callback(self, trainer: pl.Trainer) -> None:
         others = [
@@ -350,16 +387,20 @@ class SparsityCallback(Callback):
                 "trainer.callbacks, e.g. the quickstart's StaticSparsity when adding a DST callback)"
             )
 
-    def _init_weights(self, params: Mapping[str, torch.nn.Parameter], masks: dict[str, Tensor]) -> None:
-        """Optional sparse-aware weight init (``he_sparse`` or ``looks_linear``) from seeded generators."""
+    def init_weights_(self, pl_module: pl.LightningModule) -> None:
+        """Hook: weight init of the fit, before masked weights are zeroed (subclasses add their own inits).
+
+        The default is the optional sparse-aware init (``he_sparse`` or ``looks_linear``) from seeded generators.
+        """
         if self.init == "default":
             return
-        for index, name in enumerate(masks):
-            weight = params[name].data
+        assert self.masked is not None
+        for index, (name, param) in enumerate(zip(self.masked.names, self.masked.params)):
+            weight = param.data
             if weight.dim() < 2:
                 continue
             gen = layer_generator(_stream_seed(self.seed, _INIT_STREAM), index)
-            d = max(self.target_densities.get(name, 1.0), 1.0 / masks[name].numel())
+            d = max(self.target_densities.get(name, 1.0), 1.0 / weight.numel())
             if self.init == "he_sparse":
                 he_sparse_(weight, d, generator=gen)
             else:
@@ -395,8 +436,7 @@ class SparsityCallback(Callback):
         if self.masked is None:
             raise RuntimeError(f"{type(self).__name__}.setup did not run before fit")
         # parametrized weights (supermask, STR) are rebound through their plain names
-        self.masked.rebind_(original_named_parameters(pl_module))
-        self.masked.apply_()
+        self._rebind(pl_module, "setup")
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
         self.hook_manual_optimizers_(trainer, pl_module)
@@ -434,8 +474,30 @@ class SparsityCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_step_hooks()
 
+    def _rebind(self, pl_module: pl.LightningModule, since: str) -> None:
+        """Point the masks at the module's current parameter objects and re-apply them.
+
+        A parameter replaced after the masks were drawn (in the module's ``setup``, ``configure_model`` or
+        ``on_fit_start``) would otherwise keep training dense while its mask zeroes the old tensor.
+
+        Raises:
+            ValueError: a replacement has another shape (names the layer and both shapes).
+        """
+        assert self.masked is not None
+        replaced = self.masked.rebind_(original_named_parameters(pl_module))
+        self.masked.apply_()
+        if replaced:
+            rank_zero_warn(
+                f"{type(self).__name__}: parameters {replaced} were replaced after {since} (a new tensor object "
+                "with the same name); their masks now apply to the new tensors. Weight init and repairs done at "
+                "setup are lost for them, and a tensor created after configure_optimizers is in no optimizer: "
+                "replace layers in __init__ instead"
+            )
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the module's own on_fit_start ran after ours: catch a layer it replaced
+        self._rebind(pl_module, "on_fit_start")
         self.log_densities(trainer, setup=True)
 
     @override
@@ -543,8 +605,17 @@ class SparsityCallback(Callback):
             "config": self.mask_config(),
             "names": list(self.masked.names),
             "masks": self.masked.state_masks(),
+            "counts": {n: kept for n, (kept, _) in self.masked.counts().items()},
             "target_densities": dict(self.target_densities),
         }
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Tells a module resumed without this callback that the checkpoint was trained sparse (and by what).
+        entry = checkpoint.setdefault(SPARSE_CHECKPOINT_KEY, {})
+        entry[self.state_key] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @override
     def on_load_checkpoint(
@@ -585,15 +656,44 @@ class SparsityCallback(Callback):
             raise ValueError(
                 f"checkpoint masks are for {list(masks)}, but this model masks {self.masked.names}"
             )
+        self._check_checkpoint_masks(masks, state_dict.get("counts"), state_dict.get("target_densities", {}))
         for name, mask in masks.items():
-            if tuple(mask.shape) != tuple(self.masked.masks[name].shape):
-                raise ValueError(
-                    f"checkpoint mask {name!r} has shape {tuple(mask.shape)}, parameter has "
-                    f"{tuple(self.masked.masks[name].shape)}"
-                )
             self.masked.set_mask_(name, mask)
         self.target_densities = dict(state_dict.get("target_densities", self.target_densities))
+        self._weights_ready = True  # the checkpoint's weights are the trained ones: no init at fit
         self.load_extra_state(state_dict)
+
+    def _check_checkpoint_masks(
+        self, masks: Mapping[str, Any], counts: Mapping[str, int] | None, targets: Mapping[str, float]
+    ) -> None:
+        """Every mask a dense bool tensor of the parameter's shape, keeping the count recorded next to it.
+
+        ``counts`` (written since masks were counted in checkpoints; older checkpoints have none) is compared
+        per layer, so a mask edited after saving (all True, or a float/NaN tensor) is refused instead of
+        training dense.
+        """
+        assert self.masked is not None
+        problems = []
+        for name, mask in masks.items():
+            expected = tuple(self.masked.masks[name].shape)
+            if not isinstance(mask, Tensor) or mask.layout != torch.strided or mask.dtype != torch.bool:
+                kind = (
+                    f"{mask.layout} {mask.dtype} tensor" if isinstance(mask, Tensor) else type(mask).__name__
+                )
+                problems.append(f"{name}: a {kind}, masks are dense bool tensors")
+            elif tuple(mask.shape) != expected:
+                problems.append(f"{name}: shape {tuple(mask.shape)}, parameter has {expected}")
+            elif counts is not None and int(mask.sum()) != counts.get(name):
+                problems.append(
+                    f"{name}: keeps {int(mask.sum())} of {mask.numel()} weights, the checkpoint recorded "
+                    f"{counts.get(name)} (target density {targets.get(name, float('nan')):.6f})"
+                )
+        if problems:
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint's masks are not what this callback saved ("
+                + "; ".join(problems)
+                + "). The file was edited or damaged; resume from an intact checkpoint or start a new run"
+            )
 
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         """Hook for subclasses: restore what they added to :meth:`state_dict` (masks are restored already)."""

@@ -30,6 +30,8 @@ score are switched on, so each layer keeps its number of nonzeros exactly. Posit
 ``n`` is capped at the number of positions that may grow, so a layer denser than 1/2 never drops more than it can
 replace. Regrown weights are set to exactly 0 and every optimizer state tensor at their positions (momentum, Adam
 moments) is zeroed; the optimizer step that follows gives them their first update from this batch's gradient.
+Parameters with ``requires_grad=False`` are left out of prune-and-regrow, with a warning naming them (a frozen
+weight regrown at 0 would never train again); gradual pruning still prunes them.
 Gradual pruning keeps exactly ``exact_count(d(c), N)`` weights (global top-``k`` with ties broken by position),
 where upstream keeps ``k − 1`` (quirk Q9).
 
@@ -337,6 +339,7 @@ class DynamicSparsity(SparsityCallback):
         self._pending_stats: tuple[list[Tensor], dict[str, float]] | None = None
         self._seen_input_shape: list[int] | None = None
         self._warned_no_grad = False
+        self._warned_frozen: set[str] = set()
         self._synflow: dict[str, Tensor] | None = None
         self.last_update: UpdateRecord | None = None
 
@@ -435,6 +438,24 @@ class DynamicSparsity(SparsityCallback):
                 self._ever_active[name] = self._ever_active[name].to(mask.device)
         self._last_update_step = -1
         self._total_steps = None
+        self._warn_frozen(self._frozen())
+
+    def _frozen(self) -> list[str]:
+        """Masked parameters with ``requires_grad=False``: prune-and-regrow leaves their masks as they are."""
+        assert self.masked is not None
+        if not self.REGROWS:
+            return []
+        return [n for n, p in zip(self.masked.names, self.masked.params) if not p.requires_grad]
+
+    def _warn_frozen(self, frozen: list[str]) -> None:
+        new = [n for n in frozen if n not in self._warned_frozen]
+        if new:
+            self._warned_frozen.update(new)
+            rank_zero_warn(
+                f"{type(self).__name__}: {new} have requires_grad=False, so prune-and-regrow skips them (their "
+                "masks stay as they are): a frozen weight that was dropped and regrown at 0 would never train "
+                "again. Unfreeze them to update their masks, or exclude them (exclude=[...]) to leave them dense"
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -562,7 +583,11 @@ class DynamicSparsity(SparsityCallback):
             if self.prune == "synflow":
                 with torch.enable_grad():
                     self._compute_synflow(pl_module)
+            frozen = self._frozen()
+            self._warn_frozen(frozen)
             for name, p in zip(masked.names, masked.params):
+                if name in frozen:
+                    continue
                 mask = masked.masks[name]
                 n_drop = drop_count(fraction, int(torch.count_nonzero(mask)))
                 if n_drop == 0:

@@ -365,11 +365,7 @@ class SoftThreshold(SparsityCallback):
                     f"SoftThreshold cannot stack on tensors that are already parametrized: {stacked}. Remove those "
                     "parametrizations (torch.nn.utils.parametrize.remove_parametrizations) or exclude the tensors"
                 )
-            if (
-                self.weight_init == "kaiming_normal" and stage == "fit"
-            ):  # outside fit, the checkpoint's weights
-                self._kaiming_normal_(pl_module)
-        super().setup(trainer, pl_module, stage)
+        super().setup(trainer, pl_module, stage)  # at the first fit, init_weights_ and zeroing (once)
         if again:
             return
         assert self.masked is not None
@@ -401,10 +397,18 @@ class SoftThreshold(SparsityCallback):
                     "lower target_density or use a denser support"
                 )
 
+    @override
+    def init_weights_(self, pl_module: pl.LightningModule) -> None:
+        """``weight_init="kaiming_normal"`` (STR's init), then the base class's optional sparse init."""
+        if self.weight_init == "kaiming_normal":
+            self._kaiming_normal_(pl_module)
+        super().init_weights_(pl_module)
+
     @torch.no_grad()
     def _kaiming_normal_(self, pl_module: pl.LightningModule) -> None:
-        params = dict(pl_module.named_parameters())
-        for index, name in enumerate(self.select(pl_module)):
+        assert self.masked is not None
+        params = original_named_parameters(pl_module)  # before or after the thresholds attach
+        for index, name in enumerate(self.masked.names):
             weight = params[name]
             if weight.dim() < 2:
                 continue

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
@@ -261,12 +261,6 @@ class StaticSparsity(SparsityCallback):
             return super().compute_masks(trainer, pl_module, shapes)
         source = self.source_masks(trainer, pl_module, shapes)
         densities = {n: int(m.sum()) / max(m.numel(), 1) for n, m in source.items()}
-        collapsed = [n for n, d in densities.items() if d == 0.0]
-        if collapsed:
-            rank_zero_warn(
-                f"{type(self).__name__}: {self.distribution} keeps no weight at all in {collapsed} "
-                f"(layer collapse at density {self.density}); these layers block the signal"
-            )
         if self.placement == "scores":
             return densities, source
         return densities, sample_masks(shapes, densities, seed=self.seed, sampling=self.sampling)

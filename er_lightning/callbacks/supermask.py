@@ -301,23 +301,40 @@ class Supermask(SparsityCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.masked is not None:
             if self._module_id == id(pl_module):
-                return  # validate/test after fit: the parametrizations are in place
+                # another stage: the parametrizations are in place; the base class still does the fit-time
+                # weight init once if validate/test came before the first fit
+                super().setup(trainer, pl_module, stage)
+                return
             raise RuntimeError(
                 "this Supermask instance is attached to another module already; use one callback per model"
             )
         owners = self._owners(pl_module, self.select(pl_module))
-        if self.weight_init != "default" and stage == "fit":  # outside fit, weights come from the checkpoint
+        super().setup(
+            trainer, pl_module, stage
+        )  # ER masks drawn, broadcast from rank 0; at fit, W initialised (init_weights_) and zeroed in place
+        self._attach(pl_module, owners)
+
+    @override
+    def init_weights_(self, pl_module: pl.LightningModule) -> None:
+        """Initialise the frozen weights (and biases) by ``weight_init``, before or after the scores attach."""
+        if self.weight_init != "default":
+            assert self.masked is not None
+            pairs = []
+            for name in self.masked.names:
+                module_name, _, tensor_name = name.rpartition(".")
+                module = pl_module.get_submodule(module_name)
+                has_bias = isinstance(
+                    getattr(module, "bias", None), nn.Parameter
+                ) or parametrize.is_parametrized(module, "bias")
+                pairs.append((_stored(module, tensor_name), _stored(module, "bias") if has_bias else None))
             init_frozen_weights_(
-                [(getattr(m, t), self._bias_of(m)) for m, t in owners.values()],
+                pairs,
                 self.weight_init,
                 seed=_stream_seed(self.seed, _WEIGHT_STREAM),
                 scale=1.0 / math.sqrt(self.final_density) if self.scale_fan else 1.0,
                 bias_gain=self.bias_gain,
             )
-        super().setup(
-            trainer, pl_module, stage
-        )  # ER masks drawn, zeroed into W in place, broadcast from rank 0
-        self._attach(pl_module, owners)
+        super().init_weights_(pl_module)
 
     @staticmethod
     def _bias_of(module: nn.Module) -> nn.Parameter | None:
@@ -537,3 +554,10 @@ class Supermask(SparsityCallback):
         self._apply_fraction(float(k))
         if self.selector is not None:
             self.selector.invalidate()
+
+
+def _stored(module: nn.Module, tensor_name: str) -> nn.Parameter:
+    """The parameter behind ``module.<tensor_name>``: itself, or ``parametrizations.<name>.original``."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return module.parametrizations[tensor_name].original
+    return getattr(module, tensor_name)

@@ -6,9 +6,15 @@ import os
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["save_masks", "load_masks", "check_masks_match", "mask_file_densities"]
+from er_lightning.masking.targets import original_named_parameters
+
+__all__ = ["SPARSE_CHECKPOINT_KEY", "save_masks", "load_masks", "check_masks_match", "mask_file_densities"]
+
+#: Top-level checkpoint entry in which every sparsity callback names itself (``{state_key: class path}``), so that
+#: a module resumed without the callback can tell that the checkpoint was trained sparse.
+SPARSE_CHECKPOINT_KEY = "er_lightning_sparsity"
 
 
 def save_masks(masks: Mapping[str, Tensor], path: str | os.PathLike[str]) -> None:
@@ -68,6 +74,11 @@ def load_masks(
         )
     out: dict[str, Tensor] = {}
     for name, value in obj.items():
+        if value.layout != torch.strided:
+            raise ValueError(
+                f"mask {name!r} in {path!r} is a {value.layout} tensor; mask files hold dense tensors, so save "
+                "mask.to_dense() (save_masks writes dense bool tensors)"
+            )
         if value.dtype != torch.bool:
             if value.is_floating_point() or value.is_complex():
                 bad = ~((value == 0) | (value == 1))
@@ -83,13 +94,38 @@ def load_masks(
 
 
 def mask_file_densities(
-    path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]] | None = None
+    path: str | os.PathLike[str], shapes: Mapping[str, Sequence[int]] | nn.Module
 ) -> dict[str, float]:
-    """Per-layer kept fractions of a mask file, validated like :func:`load_masks`.
+    """Per-layer kept fractions of a mask file, validated against the model that will use them.
 
     Feeds ``distribution="custom"`` of any callback, e.g. a dynamic sparse run started from the layer ratios of an
     IMP level or of a SNIP mask (ER_imp / ER_snip starts)::
 
-        RigL(density=0.05, distribution="custom", custom_densities=mask_file_densities("imp_masks/level_8.pt"))
+        RigL(density=0.05, distribution="custom", custom_densities=mask_file_densities("imp_masks/level_8.pt", module))
+
+    Args:
+        path: a mask file (:func:`save_masks`).
+        shapes: the module the densities are for (every tensor of the file must be one of its parameters, with
+            the same shape; parametrized weights count under their plain names), or ``{fqn: shape}`` of exactly
+            the masked parameters. Required: a density read from a tensor of the wrong shape means nothing.
+
+    Raises:
+        ValueError: as :func:`load_masks`, or a name or shape that does not match ``shapes``.
     """
-    return {name: float(mask.float().mean()) for name, mask in load_masks(path, shapes).items()}
+    source = f"mask file {os.fspath(path)!r}"
+    masks = load_masks(path)
+    if isinstance(shapes, nn.Module):
+        named = original_named_parameters(shapes)
+        unknown = [n for n in masks if n not in named]
+        if unknown:
+            raise ValueError(
+                f"{source} names {unknown}, which are not parameters of the {type(shapes).__name__}; its "
+                f"parameters are {list(named)}"
+            )
+        shapes = {n: tuple(named[n].shape) for n in masks}
+    elif not isinstance(shapes, Mapping):
+        raise TypeError(
+            f"shapes must be the module the densities are for or a {{name: shape}} mapping, got {type(shapes).__name__}"
+        )
+    check_masks_match(masks, shapes, source=source)
+    return {name: float(mask.float().mean()) for name, mask in masks.items()}

@@ -65,13 +65,33 @@ class MaskedParams:
                 self.masks[name] = self.masks[name].to(target)
         self._refresh_views()
 
-    def rebind_(self, params: Mapping[str, nn.Parameter]) -> None:
-        """Point at new parameter objects with the same names (e.g. after a model was rebuilt or moved)."""
+    def rebind_(self, params: Mapping[str, nn.Parameter]) -> list[str]:
+        """Point at the parameter objects now named ``self.names`` (e.g. after a layer was rebuilt).
+
+        Returns:
+            The names whose parameter object changed (empty when the model still holds the same tensors).
+
+        Raises:
+            ValueError: a parameter is missing, or a new one has another shape than its mask (names and shapes).
+        """
         missing = [n for n in self.names if n not in params]
         if missing:
             raise ValueError(f"cannot rebind masks: parameters {missing} are missing from the model")
+        wrong = [
+            f"{n}: mask {tuple(self.masks[n].shape)}, parameter now {tuple(params[n].shape)}"
+            for n in self.names
+            if tuple(params[n].shape) != tuple(self.masks[n].shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"parameters were replaced by tensors of another shape after their masks were drawn ({'; '.join(wrong)}); "
+                "build or replace layers before the sparsity callback's setup (in the module's __init__), not in "
+                "its setup/configure_model/on_fit_start"
+            )
+        replaced = [n for n, old in zip(self.names, self.params) if params[n] is not old]
         self.params = [params[n] for n in self.names]
         self.to_()
+        return replaced
 
     # ----------------------------------------------------------------- in-place ops
     @torch.no_grad()

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from torch import nn
 from torch.nn.utils import parametrize
 
+from er_lightning.sparsity.checks import check_patterns
+
 __all__ = [
     "EMBEDDING_MODULES",
     "LARGE_SHARE",
@@ -187,8 +189,11 @@ def select_targets(
         FQNs in ``named_parameters()`` order.
 
     Raises:
+        TypeError: ``include``/``exclude`` is a string rather than a list of patterns.
         ValueError: a pattern matches no parameter (the message lists the names that exist), or nothing is left.
     """
+    include = check_patterns(include, "include")
+    exclude = check_patterns(exclude, "exclude")
     all_names = [n for n, _ in model.named_parameters()]
     aliases = parameter_aliases(model)
     base = list(candidates) if candidates is not None else default_targets(model, embeddings=embeddings)

@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
-__all__ = ["check_choice", "check_density", "check_int"]
+__all__ = ["check_choice", "check_density", "check_int", "check_patterns"]
 
 
 def check_density(value: object, what: str = "density") -> float:
@@ -40,3 +40,16 @@ def check_choice(value: object, what: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{what} must be one of {list(allowed)}, got {value!r}")
     return str(value)
+
+
+def check_patterns(value: object, what: str) -> list[str] | None:
+    """``None`` or a list of non-empty glob strings; a bare string is refused (it would be read letter by letter)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(
+            f"{what} must be a list of glob patterns, got the string {value!r}; write [{value!r}] for one pattern"
+        )
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+        raise TypeError(f"{what} must be a list of non-empty glob strings, got {value!r}")
+    return list(value)

@@ -553,9 +553,36 @@ def test_rigl_starts_from_the_layer_ratios_of_a_mask_file(tmp_path):
         "net.fc.weight": torch.rand(10, 16) < 0.3,
     }
     save_masks(source, tmp_path / "m.pt")
-    densities = mask_file_densities(tmp_path / "m.pt")
-    cb = RigL(density=0.2, distribution="custom", custom_densities=densities, update_every_steps=100)
     torch.manual_seed(0)
-    make_trainer(tmp_path, [cb], max_steps=1).fit(PlainModule(), random_loader())
+    module = PlainModule()
+    densities = mask_file_densities(tmp_path / "m.pt", module)
+    cb = RigL(density=0.2, distribution="custom", custom_densities=densities, update_every_steps=100)
+    make_trainer(tmp_path, [cb], max_steps=1).fit(module, random_loader())
     for name, mask in source.items():
         assert int(cb.masked.masks[name].sum()) == int(mask.sum()), name
+
+
+def test_rigl_leaves_a_frozen_layer_alone_and_says_so(tmp_path):
+    """requires_grad=False: dropping and regrowing at 0 would erode the layer for good (issue 12 #6)."""
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+            self.masks = {n: m.clone() for n, m in cb.masked.masks.items()}
+            self.frozen = pl_module.net.conv1.weight.detach().clone()
+
+    torch.manual_seed(0)
+    module = PlainModule()
+    module.net.conv1.weight.requires_grad_(False)
+    cb = RigL(density=0.3, update_every_steps=1, drop_fraction=0.5, stop_updates_at=1.0)
+    start = AtStart()
+    with pytest.warns(
+        UserWarning, match=r"\['net\.conv1\.weight'\] have requires_grad=False, so prune-and-regrow skips"
+    ):
+        make_trainer(tmp_path, [cb, start], max_steps=5).fit(module, random_loader())
+    assert cb._last_update_step == 4  # updates ran at steps 1-4
+    assert torch.equal(cb.masked.masks["net.conv1.weight"], start.masks["net.conv1.weight"])
+    assert torch.equal(module.net.conv1.weight, start.frozen)  # not one active weight reset to 0
+    assert int(torch.count_nonzero(start.frozen)) == int(start.masks["net.conv1.weight"].sum())
+    name = "net.conv2.weight"  # a trainable sparse layer still updates, at a constant count (fc is dense at ERK 0.3)
+    assert not torch.equal(cb.masked.masks[name], start.masks[name])
+    assert int(cb.masked.masks[name].sum()) == int(start.masks[name].sum())
