@@ -1,0 +1,373 @@
+/* Sparse convolution and matmul kernels over the active weights only (float32, CPU).
+ *
+ * Layout. Activations are repacked so that the batch is the innermost dimension: an NCHW input becomes
+ * X[p][c][i][j][b] ("phase planes"), where p = (ph, pw) splits a stride-s input into s*s sub-images, so that
+ * every strided, dilated, padded convolution becomes a stride-1 correlation over contiguous memory:
+ *
+ *     Y[oc][oh][ow*B + b] = sum_k w_k * X[cp_k][oh + dh_k][(ow + dw_k)*B + b]
+ *
+ * with one (cp_k, dh_k, dw_k) per active weight k = (oc, ic, kh, kw). For a fixed output row the inner span
+ * (ow, b) is one contiguous vector of length OW*B, whatever the batch size, stride, padding or dilation: the
+ * kernels below are register-tiled AXPYs (forward, input gradient) and dot products (weight gradient) over such
+ * spans, with the per-weight offset off_k = cp_k*plane + dh_k*row + dw_k*col precomputed per input geometry.
+ *
+ * Work is split over (band of output rows, output channel): a band's input rows stay in L2 while every output
+ * channel reads them. Threads: OpenMP, the count passed by the caller (torch.get_num_threads()).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef float vf __attribute__((vector_size(64)));
+#define VL 16
+
+static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline float hsum(vf v) {
+    typedef int32_t vi16 __attribute__((vector_size(64)));
+    v += __builtin_shuffle(v, (vi16){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (vi16){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    v += __builtin_shuffle(v, (vi16){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    return v[0] + v[1];
+}
+
+/* out[0:L] = sum_k w[k] * (base + offs[k])[0:L] */
+static void row_axpy(float *restrict out, const float *restrict base, const int64_t *restrict offs,
+                     const float *restrict w, int64_t nnz, int64_t L) {
+    int64_t u = 0;
+    for (; u + 8 * VL <= L; u += 8 * VL) {
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        for (int64_t k = 0; k < nnz; k++) {
+            const float *p = base + offs[k] + u;
+            const float x = w[k];
+            a0 += x * ld(p);
+            a1 += x * ld(p + VL);
+            a2 += x * ld(p + 2 * VL);
+            a3 += x * ld(p + 3 * VL);
+            a4 += x * ld(p + 4 * VL);
+            a5 += x * ld(p + 5 * VL);
+            a6 += x * ld(p + 6 * VL);
+            a7 += x * ld(p + 7 * VL);
+        }
+        st(out + u, a0);
+        st(out + u + VL, a1);
+        st(out + u + 2 * VL, a2);
+        st(out + u + 3 * VL, a3);
+        st(out + u + 4 * VL, a4);
+        st(out + u + 5 * VL, a5);
+        st(out + u + 6 * VL, a6);
+        st(out + u + 7 * VL, a7);
+    }
+    for (; u + 2 * VL <= L; u += 2 * VL) {
+        vf a0 = {0}, a1 = {0};
+        for (int64_t k = 0; k < nnz; k++) {
+            const float *p = base + offs[k] + u;
+            a0 += w[k] * ld(p);
+            a1 += w[k] * ld(p + VL);
+        }
+        st(out + u, a0);
+        st(out + u + VL, a1);
+    }
+    for (; u + VL <= L; u += VL) {
+        vf a0 = {0};
+        for (int64_t k = 0; k < nnz; k++) a0 += w[k] * ld(base + offs[k] + u);
+        st(out + u, a0);
+    }
+    if (u < L) {
+        const int64_t rem = L - u;
+        float acc[VL] = {0};
+        for (int64_t k = 0; k < nnz; k++) {
+            const float *p = base + offs[k] + u;
+            for (int64_t j = 0; j < rem; j++) acc[j] += w[k] * p[j];
+        }
+        memcpy(out + u, acc, rem * sizeof(float));
+    }
+}
+
+/* acc[k] += sum over rows i < ni and u < L of dy[i*dy_row + u] * x[offs[k] + i*x_row + u], for every k: four
+ * weights share each load of dy, two vectors per step keep eight independent accumulators in flight, one
+ * horizontal sum per weight. */
+static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_row, const float *restrict xbase,
+                     int64_t x_row, const int64_t *restrict offs, int64_t nnz, int64_t ni, int64_t L) {
+    const int64_t Lv = L - L % (2 * VL);
+    int64_t k = 0;
+    for (; k + 4 <= nnz; k += 4) {
+        vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, t0 = {0}, t1 = {0}, t2 = {0}, t3 = {0};
+        float r0 = 0.f, r1 = 0.f, r2 = 0.f, r3 = 0.f;
+        for (int64_t i = 0; i < ni; i++) {
+            const float *d = dy + i * dy_row;
+            const float *p0 = xbase + offs[k] + i * x_row, *p1 = xbase + offs[k + 1] + i * x_row,
+                        *p2 = xbase + offs[k + 2] + i * x_row, *p3 = xbase + offs[k + 3] + i * x_row;
+            for (int64_t u = 0; u < Lv; u += 2 * VL) {
+                const vf d0 = ld(d + u), d1 = ld(d + u + VL);
+                s0 += d0 * ld(p0 + u);
+                s1 += d0 * ld(p1 + u);
+                s2 += d0 * ld(p2 + u);
+                s3 += d0 * ld(p3 + u);
+                t0 += d1 * ld(p0 + u + VL);
+                t1 += d1 * ld(p1 + u + VL);
+                t2 += d1 * ld(p2 + u + VL);
+                t3 += d1 * ld(p3 + u + VL);
+            }
+            for (int64_t u = Lv; u < L; u++) {
+                r0 += d[u] * p0[u];
+                r1 += d[u] * p1[u];
+                r2 += d[u] * p2[u];
+                r3 += d[u] * p3[u];
+            }
+        }
+        acc[k] += r0 + hsum(s0 + t0);
+        acc[k + 1] += r1 + hsum(s1 + t1);
+        acc[k + 2] += r2 + hsum(s2 + t2);
+        acc[k + 3] += r3 + hsum(s3 + t3);
+    }
+    for (; k < nnz; k++) {
+        vf s = {0}, t = {0};
+        float r = 0.f;
+        for (int64_t i = 0; i < ni; i++) {
+            const float *d = dy + i * dy_row, *p = xbase + offs[k] + i * x_row;
+            for (int64_t u = 0; u < Lv; u += 2 * VL) {
+                s += ld(d + u) * ld(p + u);
+                t += ld(d + u + VL) * ld(p + u + VL);
+            }
+            for (int64_t u = Lv; u < L; u++) r += d[u] * p[u];
+        }
+        acc[k] += r + hsum(s + t);
+    }
+}
+
+void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *dw, int64_t plane, int64_t row,
+                int64_t col, int64_t *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
+    for (int64_t k = 0; k < n; k++) out[k] = (int64_t)cp[k] * plane + (int64_t)dh[k] * row + (int64_t)dw[k] * col;
+}
+
+/* out[r*out_plane + i*out_row + u] = sum_{k in row r} vals[k] * in[offs[k] + i*in_row + u]
+ * for r < nrows, i < n_i, u < L; rows of output are processed in bands of `band` rows. */
+void er_spmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const float *vals, const float *in,
+             int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i, int64_t L, int64_t band,
+             int nthreads) {
+    if (band < 1) band = 1;
+    const int64_t nb = (n_i + band - 1) / band;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 4)
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t r = 0; r < nrows; r++) {
+            const int64_t k0 = row_ptr[r], nnz = row_ptr[r + 1] - k0;
+            const int64_t i1 = (b + 1) * band < n_i ? (b + 1) * band : n_i;
+            for (int64_t i = b * band; i < i1; i++) {
+                float *o = out + r * out_plane + i * out_row;
+                if (nnz == 0) {
+                    memset(o, 0, L * sizeof(float));
+                    continue;
+                }
+                row_axpy(o, in + i * in_row, offs + k0, vals + k0, nnz, L);
+            }
+        }
+    }
+}
+
+/* dvals[k] = sum_{i < n_i, u < L} dy[r*dy_plane + i*dy_row + u] * x[offs[k] + i*x_row + u], k in row r */
+void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const float *dy, int64_t dy_plane,
+              int64_t dy_row, const float *x, int64_t x_row, int64_t n_i, int64_t L, int64_t band, float *dvals,
+              int nthreads) {
+    const int64_t nnz_all = row_ptr[nrows];
+    if (band < 1) band = 1;
+    const int64_t nb = (n_i + band - 1) / band;
+    if (nthreads < 1) nthreads = 1;
+    float *part = (float *)calloc((size_t)nthreads * (size_t)(nnz_all > 0 ? nnz_all : 1), sizeof(float));
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *acc = part + (size_t)omp_get_thread_num() * (size_t)nnz_all;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t r = 0; r < nrows; r++) {
+                const int64_t k0 = row_ptr[r], nnz = row_ptr[r + 1] - k0;
+                if (nnz == 0) continue;
+                const int64_t i0 = b * band, i1 = (b + 1) * band < n_i ? (b + 1) * band : n_i;
+                row_dots(acc + k0, dy + r * dy_plane + i0 * dy_row, dy_row, x + i0 * x_row, x_row, offs + k0, nnz,
+                         i1 - i0, L);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < nnz_all; k++) {
+            float s = 0.f;
+            for (int t = 0; t < nthreads; t++) s += part[(size_t)t * nnz_all + k];
+            dvals[k] = s;
+        }
+    }
+    free(part);
+}
+
+/* In-register transpose of a 16x16 block: r[i][l] -> r[l][i] (four butterfly stages of two-vector shuffles). */
+typedef int32_t vi __attribute__((vector_size(64)));
+static inline void transpose16(vf r[16]) {
+    {
+        const vi lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+        const vi hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & 8) continue;
+            const vf a = r[i], b = r[i + 8];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + 8] = __builtin_shuffle(a, b, hi);
+        }
+    }
+    {
+        const vi lo = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+        const vi hi = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & 4) continue;
+            const vf a = r[i], b = r[i + 4];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + 4] = __builtin_shuffle(a, b, hi);
+        }
+    }
+    {
+        const vi lo = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+        const vi hi = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & 2) continue;
+            const vf a = r[i], b = r[i + 2];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + 2] = __builtin_shuffle(a, b, hi);
+        }
+    }
+    {
+        const vi lo = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+        const vi hi = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & 1) continue;
+            const vf a = r[i], b = r[i + 1];
+            r[i] = __builtin_shuffle(a, b, lo);
+            r[i + 1] = __builtin_shuffle(a, b, hi);
+        }
+    }
+}
+
+/* NCHW x (B, C, H, W) -> phase planes out (sh*sw, C, Hq, Wq, B), zero where the padded input has no pixel:
+ * out[ph*sw + pw][c][i][j][b] = x[b][c][i*sh + ph - pt][j*sw + pw - pl]. */
+void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
+             int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
+    const int64_t P = sh * sw;
+    /* 1. zero every cell without a pixel (padding rows, columns, the margins past the input) */
+#pragma omp parallel for collapse(3) num_threads(nthreads) schedule(dynamic, 8)
+    for (int64_t p = 0; p < P; p++) {
+        for (int64_t c = 0; c < C; c++) {
+            for (int64_t i = 0; i < Hq; i++) {
+                const int64_t ph = p / sw, pw = p % sw;
+                float *o = out + ((p * C + c) * Hq + i) * Wq * B;
+                const int64_t h = i * sh + ph - pt;
+                if (h < 0 || h >= H) {
+                    memset(o, 0, Wq * B * sizeof(float));
+                    continue;
+                }
+                int64_t j0 = 0, j1 = Wq;
+                while (j0 < Wq && j0 * sw + pw - pl < 0) j0++;
+                while (j1 > j0 && (j1 - 1) * sw + pw - pl >= W) j1--;
+                if (j0 > 0) memset(o, 0, j0 * B * sizeof(float));
+                if (j1 < Wq) memset(o + j1 * B, 0, (Wq - j1) * B * sizeof(float));
+            }
+        }
+    }
+    /* 2. every input pixel that lands in the planes. pix[q] = offset of pixel q = h*W + w inside channel 0's
+     * planes (-1 when it lies past them); 16 batch rows x 16 pixels are transposed in registers at a time. */
+    const int64_t HW = H * W, cstride = Hq * Wq * B;
+    int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
+    for (int64_t q = 0; q < HW; q++) {
+        const int64_t hp = q / W + pt, wp = q % W + pl, i = hp / sh, j = wp / sw;
+        pix[q] = (i < Hq && j < Wq) ? ((((hp % sh) * sw + wp % sw) * C * Hq + i) * Wq + j) * B : -1;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; c++) {
+        float *oc = out + c * cstride;
+        for (int64_t b0 = 0; b0 < B; b0 += 16) {
+            const int64_t nb = B - b0 < 16 ? B - b0 : 16;
+            int64_t q0 = 0;
+            if (nb == 16) {
+                for (; q0 + 16 <= HW; q0 += 16) {
+                    vf r[16];
+                    for (int t = 0; t < 16; t++) r[t] = ld(x + ((b0 + t) * C + c) * HW + q0);
+                    transpose16(r);
+                    for (int t = 0; t < 16; t++)
+                        if (pix[q0 + t] >= 0) st(oc + pix[q0 + t] + b0, r[t]);
+                }
+            }
+            for (int64_t q = q0; q < HW; q++) {
+                if (pix[q] < 0) continue;
+                float *o = oc + pix[q] + b0;
+                for (int64_t t = 0; t < nb; t++) o[t] = x[((b0 + t) * C + c) * HW + q];
+            }
+        }
+    }
+    free(pix);
+}
+
+/* y (OC, OH, *, B) with row stride y_row (>= OW*B) -> out (B, OC, OH, OW), plus bias[oc] when given. */
+void er_unpack_out(const float *y, const float *bias, float *out, int64_t B, int64_t OC, int64_t OH, int64_t OW,
+                   int64_t y_row, int nthreads) {
+    const int64_t HW = OH * OW;
+    int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
+    for (int64_t q = 0; q < HW; q++) pix[q] = (q / OW) * y_row + (q % OW) * B;
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t oc = 0; oc < OC; oc++) {
+        const float *src = y + oc * OH * y_row;
+        const float bv = bias ? bias[oc] : 0.f;
+        for (int64_t b0 = 0; b0 < B; b0 += 16) {
+            const int64_t nb = B - b0 < 16 ? B - b0 : 16;
+            int64_t q0 = 0;
+            if (nb == 16) {
+                for (; q0 + 16 <= HW; q0 += 16) {
+                    vf r[16];
+                    for (int t = 0; t < 16; t++) r[t] = ld(src + pix[q0 + t] + b0);
+                    transpose16(r);
+                    for (int t = 0; t < 16; t++) st(out + ((b0 + t) * OC + oc) * HW + q0, r[t] + bv);
+                }
+            }
+            for (int64_t t = 0; t < nb; t++) {
+                float *o = out + ((b0 + t) * OC + oc) * HW;
+                for (int64_t q = q0; q < HW; q++) o[q] = src[pix[q] + b0 + t] + bv;
+            }
+        }
+    }
+    free(pix);
+}
+
+/* Adjoint of er_pack: dx[b][c][h][w] = g[ph*sw + pw][c][i][j][b] for the phase plane pixel of (h, w), or 0 when
+ * that pixel lies outside the planes (it never reached an output). */
+void er_unpack_grad(const float *g, float *dx, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
+                    int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
+    const int64_t HW = H * W, cstride = Hq * Wq * B;
+    int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
+    for (int64_t q = 0; q < HW; q++) {
+        const int64_t hp = q / W + pt, wp = q % W + pl, i = hp / sh, j = wp / sw;
+        pix[q] = (i < Hq && j < Wq) ? ((((hp % sh) * sw + wp % sw) * C * Hq + i) * Wq + j) * B : -1;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; c++) {
+        const float *gc = g + c * cstride;
+        for (int64_t b0 = 0; b0 < B; b0 += 16) {
+            const int64_t nb = B - b0 < 16 ? B - b0 : 16;
+            int64_t q0 = 0;
+            if (nb == 16) {
+                for (; q0 + 16 <= HW; q0 += 16) {
+                    vf r[16];
+                    for (int t = 0; t < 16; t++) {
+                        const vf zero = {0};
+                        r[t] = pix[q0 + t] >= 0 ? ld(gc + pix[q0 + t] + b0) : zero;
+                    }
+                    transpose16(r);
+                    for (int t = 0; t < 16; t++) st(dx + ((b0 + t) * C + c) * HW + q0, r[t]);
+                }
+            }
+            for (int64_t t = 0; t < nb; t++) {
+                float *o = dx + ((b0 + t) * C + c) * HW;
+                for (int64_t q = q0; q < HW; q++) o[q] = pix[q] >= 0 ? gc[pix[q] + b0 + t] : 0.f;
+            }
+        }
+    }
+    free(pix);
+}

@@ -1,0 +1,373 @@
+"""Sparse ``conv2d`` and ``linear`` over the active weights of a bool mask, as autograd functions.
+
+:class:`SparseIndex` is the per-layer index structure, built from a bool mask once per mask change (cost measured
+in ``benchmarks/bench_kernels.py``): the active positions in output-channel order (forward, weight gradient) and in
+input-plane order (input gradient). :func:`sparse_conv2d` and :func:`sparse_linear` compute
+
+* the forward pass and the input gradient with the kernels of ``_kernels.c`` over active weights only, and
+* the weight gradient at active positions only, written into a dense tensor of the weight's shape (zeros
+  elsewhere), so ``p.grad`` looks exactly like the dense, masked gradient to every optimizer, clipper, DDP
+  all-reduce and gradient accumulation.
+
+Both accept any batch size, stride, padding, dilation and kernel shape of a ``groups=1`` convolution, and any
+leading dimensions for ``linear``; float32 on CPU only (:func:`supports` says why a call is refused).
+
+Example:
+    >>> conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    >>> mask = torch.rand_like(conv.weight) < 0.2
+    >>> with torch.no_grad():
+    ...     _ = conv.weight.mul_(mask)
+    >>> index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    >>> x = torch.randn(3, 4, 9, 9)
+    >>> y = sparse_conv2d(x, conv.weight, conv.bias, index, padding=conv.padding)
+    >>> bool(torch.allclose(y, conv(x), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from er_lightning.compute.build import load_kernels
+
+__all__ = ["SparseIndex", "sparse_conv2d", "sparse_linear", "supports", "conv_padding"]
+
+#: Floats of input rows a band of output rows may touch (keeps them in a 2 MB L2 with room for the outputs).
+_BAND_FLOATS = 196_608
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = tuple(v)
+    return (int(a), int(b))
+
+
+def conv_padding(
+    padding: str | int | Sequence[int], kernel: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, int, int, int]:
+    """``nn.Conv2d``'s padding as (top, bottom, left, right); ``"same"`` pads the extra row/column at the end."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        out = []
+        for k, d in zip(kernel, dilation):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return (out[0], out[1], out[2], out[3])
+    ph, pw = _pair(padding)
+    return (ph, ph, pw, pw)
+
+
+class SparseIndex:
+    """The active weights of one layer, for the sparse kernels; rebuilt whenever the mask changes.
+
+    Args:
+        mask: bool mask of a conv weight (OC, IC, KH, KW) or a linear weight (OUT, IN).
+        stride: the convolution's stride (1 for linear).
+        dilation: the convolution's dilation (1 for linear).
+    """
+
+    def __init__(
+        self, mask: Tensor, stride: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1
+    ) -> None:
+        if mask.dim() == 2:
+            mask4 = mask.reshape(mask.shape[0], mask.shape[1], 1, 1)
+        elif mask.dim() == 4:
+            mask4 = mask
+        else:
+            raise ValueError(
+                f"SparseIndex takes a 2-D (linear) or 4-D (conv2d) mask, got shape {tuple(mask.shape)}"
+            )
+        self.shape = tuple(mask.shape)
+        oc, ic, kh, kw = mask4.shape
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        sh, sw = self.stride
+        dlh, dlw = self.dilation
+        self.kernel = (kh, kw)
+        self.in_channels = ic
+        self.out_channels = oc
+        self.phases = sh * sw
+        # max shift of a tap inside the phase planes
+        self.mh = (dlh * (kh - 1)) // sh
+        self.mw = (dlw * (kw - 1)) // sw
+
+        flat = mask4.detach().to("cpu").reshape(-1).nonzero().reshape(-1)
+        self.flat_index = flat
+        self.nnz = int(flat.numel())
+        o = flat // (ic * kh * kw)
+        rest = flat % (ic * kh * kw)
+        c = rest // (kh * kw)
+        r = rest % (kh * kw)
+        th, tw = (r // kw) * dlh, (r % kw) * dlw
+        ph, pw = th % sh, tw % sw
+        dh, dw = th // sh, tw // sw
+        cp = (ph * sw + pw) * ic + c
+        self.row_ptr = _row_ptr(o, oc)
+        self.cp = cp.to(torch.int32)
+        self.dh = dh.to(torch.int32)
+        self.dw = dw.to(torch.int32)
+        # input-gradient order: grouped by input plane (phase, channel)
+        perm = torch.argsort(cp, stable=True)
+        self.perm = perm
+        self.row_ptr_t = _row_ptr(cp[perm], self.phases * ic)
+        self.cp_t = o[perm].to(torch.int32)
+        self.dh_t = (self.mh - dh[perm]).to(torch.int32)
+        self.dw_t = (self.mw - dw[perm]).to(torch.int32)
+        self._offsets: dict[tuple[bool, int, int, int], Tensor] = {}
+        self._grad_storage: Tensor | None = None
+
+    def offsets(self, transposed: bool, plane: int, row: int, col: int) -> Tensor:
+        """Per-weight flat offsets into the packed planes of one input geometry (cached)."""
+        key = (transposed, plane, row, col)
+        out = self._offsets.get(key)
+        if out is None:
+            if len(self._offsets) > 16:
+                self._offsets.clear()
+            cp, dh, dw = (self.cp_t, self.dh_t, self.dw_t) if transposed else (self.cp, self.dh, self.dw)
+            out = torch.empty(self.nnz, dtype=torch.int64)
+            _lib().er_offsets(
+                self.nnz, _ptr(cp), _ptr(dh), _ptr(dw), plane, row, col, _ptr(out), torch.get_num_threads()
+            )
+            self._offsets[key] = out
+        return out
+
+    def grad_buffer(self, weight: Tensor) -> Tensor:
+        """A zero-filled tensor of the weight's shape for its gradient, reused from step to step.
+
+        A fresh dense gradient per step costs more than the whole sparse backward for large layers (page faults of
+        a new allocation). The index keeps the storage of the gradient it returned last; autograd takes the
+        returned tensor as ``p.grad`` (we keep no reference to that tensor object, so it is not copied), and the
+        optimizer's ``zero_grad(set_to_none=True)`` drops it again. Inactive entries are never written (the
+        callbacks' ``mask_grads_`` keeps them zero), so the next step only overwrites the active ones. When
+        ``p.grad`` still lives in that storage (``set_to_none=False``, gradient accumulation) a fresh zero tensor
+        is returned instead and autograd adds it into ``p.grad``.
+        """
+        buf = self._grad_storage
+        grad = weight.grad
+        if (
+            buf is not None
+            and grad is not None
+            and grad.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        ):
+            return torch.zeros(weight.shape, dtype=torch.float32)
+        if buf is None or buf.numel() != weight.numel():
+            buf = torch.zeros(weight.numel(), dtype=torch.float32)
+            self._grad_storage = buf
+        return buf.view(weight.shape)  # a new tensor object over the kept storage
+
+    def values(self, weight: Tensor) -> Tensor:
+        """The active weights in forward order."""
+        return weight.detach().reshape(-1).index_select(0, self.flat_index)
+
+
+def _row_ptr(rows: Tensor, n: int) -> Tensor:
+    counts = torch.bincount(rows, minlength=n) if rows.numel() else torch.zeros(n, dtype=torch.int64)
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr
+
+
+def _lib():
+    lib = load_kernels()
+    if lib is None:
+        raise RuntimeError("the sparse kernels are not available (see er_lightning.compute.build_error())")
+    return lib
+
+
+def supports(x: Tensor, weight: Tensor) -> str | None:
+    """``None`` when the kernels can compute this call, else the reason they cannot."""
+    if load_kernels() is None:
+        return "the sparse kernels are not built on this machine"
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        return f"the kernels run on CPU only, tensors are on {x.device}"
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return f"the kernels compute float32 only, got {x.dtype} input and {weight.dtype} weight"
+    return None
+
+
+def _pixel_range(phase: int, pad: int, stride: int, size: int, planes: int) -> tuple[int, int]:
+    """Plane rows i (of one phase) whose pixel i*stride + phase - pad lies in [0, size), clipped to the planes."""
+    lo = max(0, -((phase - pad) // stride))
+    hi = min(planes, (size - 1 + pad - phase) // stride + 1)
+    return lo, hi
+
+
+def _band(rows_all_planes: int, row_floats: int, halo: int) -> int:
+    per_row = max(1, rows_all_planes * row_floats)
+    return max(1, _BAND_FLOATS // per_row - halo)
+
+
+class _SparseConv(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]
+    ):
+        lib = _lib()
+        nt = torch.get_num_threads()
+        x = x.contiguous()
+        B, C, H, W = x.shape
+        kh, kw = index.kernel
+        sh, sw = index.stride
+        dlh, dlw = index.dilation
+        pt, pb, pl, pr = pad
+        OH = (H + pt + pb - dlh * (kh - 1) - 1) // sh + 1
+        OW = (W + pl + pr - dlw * (kw - 1) - 1) // sw + 1
+        if OH <= 0 or OW <= 0:
+            raise RuntimeError(f"input of size {H}x{W} is too small for this convolution")
+        OC, P = index.out_channels, index.phases
+        Hq, Wq = OH + index.mh, OW + index.mw
+        xq = torch.empty((P, C, Hq, Wq, B), dtype=x.dtype)
+        lib.er_pack(_ptr(x), _ptr(xq), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+        vals = index.values(weight)
+        plane, row = Hq * Wq * B, Wq * B
+        offs = index.offsets(False, plane, row, B)
+        if OW * B >= 32:  # one output row per span
+            y = torch.empty((OC, OH, OW * B), dtype=x.dtype)
+            y_row, n_i, L = OW * B, OH, OW * B
+        else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
+            y = torch.empty((OC, OH, Wq * B), dtype=x.dtype)
+            y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
+        band = _band(P * C, row, index.mh)
+        lib.er_spmm(
+            OC,
+            _ptr(index.row_ptr),
+            _ptr(offs),
+            _ptr(vals),
+            _ptr(xq),
+            row,
+            _ptr(y),
+            OH * y_row,
+            y_row,
+            n_i,
+            L,
+            band,
+            nt,
+        )
+        out = torch.empty((B, OC, OH, OW), dtype=x.dtype)
+        b = bias.detach().contiguous() if bias is not None else None
+        lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
+        ctx.save_for_backward(xq, weight)
+        ctx.index = index
+        ctx.geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        lib = _lib()
+        nt = torch.get_num_threads()
+        xq, weight = ctx.saved_tensors
+        index: SparseIndex = ctx.index
+        B, C, H, W, OH, OW, Hq, Wq, pt, pl = ctx.geom
+        sh, sw = index.stride
+        OC, P, mh, mw = index.out_channels, index.phases, index.mh, index.mw
+        g = grad_out.contiguous()
+        if g.dtype != torch.float32:
+            g = g.float()
+        gh, gw = OH + 2 * mh, OW + 2 * mw
+        gq = torch.empty((OC, gh, gw, B), dtype=torch.float32)
+        lib.er_pack(_ptr(g), _ptr(gq), B, OC, OH, OW, 1, 1, mh, mw, gh, gw, nt)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            vals_t = index.values(weight).index_select(0, index.perm)
+            offs_t = index.offsets(True, gh * gw * B, gw * B, B)
+            gxq = torch.empty((P, C, Hq, Wq, B), dtype=torch.float32)
+            band = _band(OC, gw * B, mh)
+            # per phase plane, only the cells that hold an input pixel (the rest are padding, never read back)
+            for p in range(P):
+                ph, pw = divmod(p, sw)
+                i0, i1 = _pixel_range(ph, pt, sh, H, Hq)
+                j0, j1 = _pixel_range(pw, pl, sw, W, Wq)
+                if i1 <= i0 or j1 <= j0:
+                    continue
+                start = i0 * gw * B + j0 * B
+                lib.er_spmm(
+                    C,
+                    _ptr(index.row_ptr_t) + 8 * p * C,
+                    _ptr(offs_t),
+                    _ptr(vals_t),
+                    _ptr(gq) + 4 * start,
+                    gw * B,
+                    _ptr(gxq) + 4 * (p * C * Hq * Wq * B + i0 * Wq * B + j0 * B),
+                    Hq * Wq * B,
+                    Wq * B,
+                    i1 - i0,
+                    (j1 - j0) * B,
+                    band,
+                    nt,
+                )
+            grad_x = torch.empty((B, C, H, W), dtype=torch.float32)
+            lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+        if ctx.needs_input_grad[1]:
+            offs = index.offsets(False, Hq * Wq * B, Wq * B, B)
+            dvals = torch.empty(index.nnz, dtype=torch.float32)
+            band = _band(P * C, Wq * B, mh)
+            dy = gq[:, mh:, mw:]  # a view: the kernel reads rows of stride gw*B from its first element
+            lib.er_sddmm(
+                OC,
+                _ptr(index.row_ptr),
+                _ptr(offs),
+                _ptr(dy),
+                gh * gw * B,
+                gw * B,
+                _ptr(xq),
+                Wq * B,
+                OH,
+                OW * B,
+                band,
+                _ptr(dvals),
+                nt,
+            )
+            grad_w = index.grad_buffer(weight)
+            grad_w.view(-1).index_copy_(0, index.flat_index, dvals)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(dim=(0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def sparse_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: SparseIndex,
+    padding: str | int | Sequence[int] = 0,
+) -> Tensor:
+    """``F.conv2d(x, weight, bias, index.stride, padding, index.dilation)`` over the active weights of ``index``.
+
+    ``weight`` must be zero where the mask is off for the result to equal the dense convolution (the masking
+    callbacks keep it so); only its active entries are read, and its gradient is nonzero only there.
+
+    Args:
+        x: (B, C, H, W) or unbatched (C, H, W) float32 CPU input.
+        weight: (OC, C, KH, KW) weight of the mask's shape.
+        bias: optional (OC,) bias.
+        index: the layer's :class:`SparseIndex` (built with this convolution's stride and dilation).
+        padding: as ``nn.Conv2d`` takes it (int, pair, ``"same"``, ``"valid"``); zero padding only.
+    """
+    if tuple(weight.shape) != index.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, the index was built for {index.shape}")
+    pad = conv_padding(padding, index.kernel, index.dilation)
+    if x.dim() == 3:
+        return _SparseConv.apply(x.unsqueeze(0), weight, bias, index, pad).squeeze(0)
+    return _SparseConv.apply(x, weight, bias, index, pad)
+
+
+def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex) -> Tensor:
+    """``F.linear(x, weight, bias)`` over the active weights of ``index``; ``x`` may have any leading dims."""
+    if tuple(weight.shape) != index.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, the index was built for {index.shape}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1], 1, 1)  # (N, IN, 1, 1): a linear layer is a 1x1 convolution of a 1x1 map
+    y = _SparseConv.apply(x2, weight, bias, index, (0, 0, 0, 0))
+    return y.reshape(*lead, weight.shape[0])

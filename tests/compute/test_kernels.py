@@ -1,0 +1,128 @@
+"""Every sparse kernel against its dense reference: same inputs, same outputs and gradients to float32 round-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from er_lightning.compute import (
+    SparseIndex,
+    build_error,
+    kernels_available,
+    sparse_conv2d,
+    sparse_linear,
+    supports,
+)
+
+pytestmark = pytest.mark.skipif(
+    not kernels_available(), reason=f"sparse kernels unavailable: {build_error()}"
+)
+
+# (batch, in, out, H, W, kernel, stride, padding, dilation): batch 1 and 7, odd sizes, stride 2 and 3,
+# padding 0 / 2 / "same", dilation 2, non-square kernels, a 1x1 shortcut, batches past the 16-wide blocks.
+CONV_CASES = [
+    (1, 3, 5, 7, 7, (3, 3), 1, 1, 1),
+    (7, 4, 6, 9, 8, (3, 3), 2, 1, 1),
+    (32, 8, 8, 8, 8, (3, 3), 1, 1, 1),
+    (2, 3, 4, 10, 11, (2, 5), (2, 1), (0, 2), (2, 1)),
+    (3, 5, 2, 6, 6, (1, 1), 2, 0, 1),
+    (4, 3, 3, 12, 12, (3, 3), 1, "same", 1),
+    (5, 2, 3, 9, 9, (4, 4), 1, "same", 2),
+    (1, 16, 16, 4, 4, (3, 3), 1, 1, 1),
+    (32, 4, 4, 32, 32, (3, 3), 2, 1, 1),
+    (16, 3, 5, 20, 19, (3, 3), 1, 1, 1),
+    (33, 2, 2, 17, 17, (3, 3), 2, 1, 1),
+    (48, 3, 3, 16, 33, (1, 3), (1, 2), (0, 1), 1),
+    (2, 3, 4, 9, 9, (3, 3), 3, 2, 1),
+    (1, 2, 3, 5, 5, (5, 5), 1, 0, 1),
+]
+
+
+def _masked_conv(cin, cout, kernel, stride, padding, dilation, density, bias=True, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
+    mask = torch.rand_like(conv.weight) < density
+    with torch.no_grad():
+        conv.weight.mul_(mask)
+    return conv, mask
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_conv_forward_and_gradients_match_dense(case):
+    b, cin, cout, h, w, kernel, stride, padding, dilation = case
+    conv, mask = _masked_conv(cin, cout, kernel, stride, padding, dilation, 0.3)
+    index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    x = torch.randn(b, cin, h, w, requires_grad=True)
+    y = sparse_conv2d(x, conv.weight, conv.bias, index, padding=conv.padding)
+    ref = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    gx, gw, gb = torch.autograd.grad(y, [x, conv.weight, conv.bias], g)
+    rx, rw, rb = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw * mask, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, rb, rtol=1e-5, atol=1e-4)
+    assert int((gw[~mask] != 0).sum()) == 0  # weight gradient only at active positions
+
+
+def test_conv_density_extremes_and_empty_rows():
+    # a mask with whole output channels and input planes empty, and a fully dense one
+    for density in (0.02, 1.0):
+        conv, mask = _masked_conv(6, 5, (3, 3), 1, 1, 1, density, seed=3)
+        mask[0] = False
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+        index = SparseIndex(mask)
+        x = torch.randn(3, 6, 8, 8, requires_grad=True)
+        y = sparse_conv2d(x, conv.weight, conv.bias, index, padding=1)
+        torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-5)
+        (gx,) = torch.autograd.grad(y.sum(), [x])
+        (rx,) = torch.autograd.grad(conv(x).sum(), [x])
+        torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 5), (3, 1, 4)])
+def test_linear_matches_dense_with_any_leading_dims(lead):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(13, 7)
+    mask = torch.rand_like(lin.weight) < 0.4
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    index = SparseIndex(mask)
+    x = torch.randn(*lead, 13, requires_grad=True)
+    y = sparse_linear(x, lin.weight, lin.bias, index)
+    torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, lin.weight, lin.bias], g)
+    ref = torch.autograd.grad(lin(x), [x, lin.weight, lin.bias], g)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1] * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_buffer_reuse_accumulates_correctly():
+    """Two backward passes without zeroing accumulate (p.grad lives in the reused storage the second time)."""
+    conv, mask = _masked_conv(4, 4, (3, 3), 1, 1, 1, 0.5, seed=2)
+    index = SparseIndex(mask)
+    x = torch.randn(2, 4, 6, 6)
+    ref = torch.autograd.grad(conv(x).sum(), [conv.weight])[0] * mask
+    for _ in range(2):
+        sparse_conv2d(x, conv.weight, conv.bias, index, padding=1).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, 2 * ref, rtol=1e-5, atol=1e-5)
+    grad_before = conv.weight.grad.clone()
+    conv.weight.grad = None  # zero_grad(set_to_none=True): the next step reuses the storage
+    sparse_conv2d(x, conv.weight, conv.bias, index, padding=1).sum().backward()
+    torch.testing.assert_close(conv.weight.grad, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_before, 2 * conv.weight.grad)
+
+
+def test_index_rejects_wrong_shapes_and_supports_reports_why():
+    with pytest.raises(ValueError, match="2-D .* or 4-D"):
+        SparseIndex(torch.ones(3, dtype=torch.bool))
+    conv, mask = _masked_conv(2, 2, (3, 3), 1, 1, 1, 0.5)
+    with pytest.raises(ValueError, match="index was built for"):
+        sparse_conv2d(torch.randn(1, 2, 5, 5), torch.zeros(2, 2, 1, 1), None, SparseIndex(mask))
+    assert "float32" in supports(torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2))
+    assert supports(torch.randn(2, 2), torch.randn(2, 2)) is None
