@@ -29,6 +29,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from typing_extensions import override
 
+from er_lightning.masking.compute import COMPUTE_MODES, SparseComputeRouter
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
 from er_lightning.masking.io import SPARSE_CHECKPOINT_KEY
 from er_lightning.masking.masked import MaskedParams, count_zeros
@@ -135,7 +136,16 @@ class SparsityCallback(Callback):
             masked gradients do not keep zeros at zero).
         verify_masks: all-gather mask checksums after every mask change and raise if ranks disagree (debugging).
         log_layer_densities: also log one TensorBoard scalar per layer (``sparsity/density/<fqn>``).
+        compute: how masked ``Conv2d``/``Linear`` layers compute. ``"dense"``: dense ops on the masked weights
+            (any device). ``"sparse"``: the CPU sparse kernels of :mod:`er_lightning.compute` over the active
+            weights only (forward, input and weight gradient; float32; other devices, dtypes and layer types
+            compute dense, logged once per layer). ``"auto"``: per layer, whichever of the two a short timed
+            probe on the first training batch finds faster (logged). The model, its parameters and its
+            ``state_dict`` are the same in every mode.
     """
+
+    #: Whether the callback's masks are hard (in place) masks that the sparse kernels can compute with.
+    SUPPORTS_SPARSE_COMPUTE = True
 
     #: Bumped when the layout of :meth:`state_dict` changes.
     FORMAT_VERSION = 1
@@ -164,8 +174,18 @@ class SparsityCallback(Callback):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__()
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {list(COMPUTE_MODES)}, got {compute!r}")
+        if compute != "dense" and not self.SUPPORTS_SPARSE_COMPUTE:
+            raise ValueError(
+                f"{type(self).__name__} learns its mask through a parametrization; compute={compute!r} needs hard "
+                "masks. Train with compute='dense', then export the baked model with er_lightning.export.to_sparse"
+            )
+        self.compute = compute
+        self.router: SparseComputeRouter | None = None
         self.density = check_density(density)
         self.distribution = resolve_distribution(distribution, self.EXTRA_DISTRIBUTIONS)
         if sampling not in ("exact", "bernoulli"):
@@ -216,6 +236,7 @@ class SparsityCallback(Callback):
         self._step_hooks: list[Any] = []
         #: The fit-time weight work (init, zeroing, repairs) is done, or the weights came with a checkpoint.
         self._weights_ready = False
+        self._logged_compute = False
 
     # ------------------------------------------------------------------ config
     def mask_config(self) -> dict[str, Any]:
@@ -320,6 +341,7 @@ class SparsityCallback(Callback):
                 self.prepare_weights_(trainer, pl_module)
             elif self._weights_ready:
                 self.masked.apply_()
+            self._route_compute(pl_module)
             return
         self._check_single_sparsity_callback(trainer)
         # Outside `fit` a fresh callback must not touch trained weights: evaluating a trained model with a new
@@ -339,6 +361,27 @@ class SparsityCallback(Callback):
         if stage == "fit":
             self.prepare_weights_(trainer, pl_module)
         self._log_table(pl_module)
+        self._route_compute(pl_module)
+
+    def _route_compute(self, pl_module: pl.LightningModule) -> None:
+        """(Re)attach the sparse-compute routes to the module's current layers (``compute != "dense"``)."""
+        if self.compute == "dense" or self.masked is None:
+            return
+        if self.router is not None:
+            self.router.remove()
+        self.router = SparseComputeRouter(pl_module, self.masked, self.compute)
+
+    def needs_dense_gradients(self, trainer: pl.Trainer) -> bool:
+        """Hook: whether the coming optimizer step needs dense weight gradients (e.g. RigL's growth at an update
+        step). Such steps compute dense under ``compute="sparse"``/``"auto"``. The static callback never does."""
+        return False
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.router is not None:
+            self.router.set_dense_step(self.needs_dense_gradients(trainer))
 
     def prepare_weights_(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The fit-time weight work, exactly once per callback: init, zero masked weights, orthogonality repair.
@@ -437,6 +480,7 @@ class SparsityCallback(Callback):
             raise RuntimeError(f"{type(self).__name__}.setup did not run before fit")
         # parametrized weights (supermask, STR) are rebound through their plain names
         self._rebind(pl_module, "setup")
+        self._route_compute(pl_module)
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
         self.hook_manual_optimizers_(trainer, pl_module)
@@ -473,6 +517,9 @@ class SparsityCallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_step_hooks()
+        if self.router is not None:
+            self.router.remove()
+            self.router = None
 
     def _rebind(self, pl_module: pl.LightningModule, since: str) -> None:
         """Point the masks at the module's current parameter objects and re-apply them.
@@ -498,6 +545,7 @@ class SparsityCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the module's own on_fit_start ran after ours: catch a layer it replaced
         self._rebind(pl_module, "on_fit_start")
+        self._route_compute(pl_module)
         self.log_densities(trainer, setup=True)
 
     @override
@@ -520,6 +568,27 @@ class SparsityCallback(Callback):
         if self.rezero_every_step and self.masked is not None:
             self.masked.apply_()
             self.masked.zero_optimizer_state_(trainer.optimizers)
+        if self.router is not None:
+            self.router.set_dense_step(False)
+            if not self._logged_compute and all(r.decision is not None for r in self.router.routes.values()):
+                self._logged_compute = True
+                self._log_compute()
+
+    @rank_zero_only
+    def _log_compute(self) -> None:
+        assert self.router is not None
+        decisions = self.router.decisions()
+        sparse = sum(1 for d in decisions.values() if d == "sparse")
+        lines = [
+            f"{type(self).__name__}: compute={self.compute!r}, {sparse} of {len(decisions)} layers sparse"
+        ]
+        for name, what in decisions.items():
+            route = self.router.routes.get(name)
+            timing = ""
+            if route is not None and route.timings is not None:
+                timing = f"  (probe: dense {route.timings[0] * 1e3:.2f} ms, sparse {route.timings[1] * 1e3:.2f} ms)"
+            lines.append(f"  {name}: {what}{timing}")
+        rank_zero_info("\n".join(lines))
 
     # ------------------------------------------------------------------ logging
     @rank_zero_only

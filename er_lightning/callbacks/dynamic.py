@@ -285,6 +285,7 @@ class DynamicSparsity(SparsityCallback):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__(
             density=density,
@@ -307,6 +308,7 @@ class DynamicSparsity(SparsityCallback):
             rezero_every_step=rezero_every_step,
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
+            compute=compute,
         )
         self.update_every_steps = check_int(update_every_steps, "update_every_steps", 1)
         self.drop_schedule: DropSchedule | None = as_drop_schedule(drop_fraction) if self.REGROWS else None
@@ -496,6 +498,7 @@ class DynamicSparsity(SparsityCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.prune == "synflow" and self._seen_input_shape is None:
             x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
             if isinstance(x, Tensor) and x.dim() >= 2:
@@ -509,6 +512,21 @@ class DynamicSparsity(SparsityCallback):
         if self._pending_stats is not None:
             pending, self._pending_stats = self._pending_stats, None
             self._log_update(trainer, *pending)
+
+    #: Whether growth ranks inactive weights by their gradient (RigL, GraNet); then update steps need the dense
+    #: weight gradient and compute dense under ``compute="sparse"``/``"auto"`` (the RigL paper's accounting).
+    GROWS_FROM_GRADIENT: bool = False
+
+    @override
+    def needs_dense_gradients(self, trainer: pl.Trainer) -> bool:
+        if not (self.REGROWS and self.GROWS_FROM_GRADIENT):
+            return False
+        if getattr(self, "growth", None) == "momentum":
+            return True  # sparse momentum follows the momentum of the dense gradient at every step
+        step = trainer.global_step
+        if step % self.update_every_steps or step == 0 or self._total_steps is None:
+            return False
+        return self._phases(step)[1]
 
     # ------------------------------------------------------------------ the update
     def _phases(self, step: int) -> tuple[bool, bool]:
@@ -742,6 +760,8 @@ class RigL(DynamicSparsity):
         >>> # trainer.fit(your_lightning_module, datamodule=...)
     """
 
+    GROWS_FROM_GRADIENT = True
+
     def __init__(
         self,
         density: float = 0.1,
@@ -772,6 +792,7 @@ class RigL(DynamicSparsity):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__(
             density=density,
@@ -800,6 +821,7 @@ class RigL(DynamicSparsity):
             rezero_every_step=rezero_every_step,
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
+            compute=compute,
         )
         self.growth = check_choice(growth, "growth", _GROWTH)
         if (
@@ -972,6 +994,7 @@ class GraNet(RigL):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__(
             density=init_density,
@@ -1002,6 +1025,7 @@ class GraNet(RigL):
             rezero_every_step=rezero_every_step,
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
+            compute=compute,
         )
         self._configure_gradual(final_density, prune_start_epoch, prune_end_epoch, scope)
 
@@ -1067,6 +1091,7 @@ class GMP(DynamicSparsity):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__(
             density=init_density,
@@ -1093,6 +1118,7 @@ class GMP(DynamicSparsity):
             rezero_every_step=rezero_every_step,
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
+            compute=compute,
         )
         self._configure_gradual(final_density, prune_start_epoch, prune_end_epoch, scope)
 

@@ -130,6 +130,7 @@ class IterativeMagnitudePruning(SparsityCallback):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__(
             density=density,
@@ -152,6 +153,7 @@ class IterativeMagnitudePruning(SparsityCallback):
             rezero_every_step=rezero_every_step,
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
+            compute=compute,
         )
         self.epochs_per_level = _positive_int(epochs_per_level, "epochs_per_level")
         if (

@@ -201,6 +201,8 @@ class SoftThreshold(SparsityCallback):
         >>> # plain = cb.finalize(module); cb.export_densities("str_densities.json")
     """
 
+    SUPPORTS_SPARSE_COMPUTE = False  # learned masks live in a parametrization; export with to_sparse
+
     EXTRA_DISTRIBUTIONS: tuple[str, ...] = ("str_induced",)
 
     def __init__(

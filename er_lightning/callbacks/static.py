@@ -160,6 +160,7 @@ class StaticSparsity(SparsityCallback):
         rezero_every_step: bool = False,
         verify_masks: bool = False,
         log_layer_densities: bool = False,
+        compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
         super().__init__(
             density=density,
@@ -182,6 +183,7 @@ class StaticSparsity(SparsityCallback):
             rezero_every_step=rezero_every_step,
             verify_masks=verify_masks,
             log_layer_densities=log_layer_densities,
+            compute=compute,
         )
         if placement not in ("random", "scores"):
             raise ValueError(f"placement must be 'random' or 'scores', got {placement!r}")

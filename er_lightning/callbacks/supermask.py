@@ -137,6 +137,8 @@ class Supermask(SparsityCallback):
         >>> # trainer.fit(model, datamodule=...); plain = slt.bake(model)
     """
 
+    SUPPORTS_SPARSE_COMPUTE = False  # learned masks live in a parametrization; export with to_sparse
+
     FORMAT_VERSION = 1
 
     def __init__(

@@ -1,0 +1,198 @@
+"""compute="sparse" / "auto" inside a real fit: same numbers as compute="dense", same model, clear fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from er_lightning import RigL, StaticSparsity, Supermask
+from er_lightning.compute import kernels_available
+from er_lightning.masking import MaskedParams
+from er_lightning.masking.compute import SparseComputeRouter
+from tests.conftest import make_trainer
+
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="sparse kernels unavailable")
+
+
+class OddNet(nn.Module):
+    """Stride-2, padding-0 and 1x1 convs, BN, a linear head: every kernel path in one model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 16, (3, 2), stride=2, padding=0)
+        self.short = nn.Conv2d(12, 16, 1, stride=2, bias=False)
+        self.fc1 = nn.Linear(16 * 3 * 3, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        y = self.conv2(h)[..., :3, :3] + self.short(h)[..., :3, :3]
+        return self.fc2(torch.relu(self.fc1(torch.relu(y).flatten(1))))
+
+
+class OddModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = OddNet()
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def _loader(batch_size: int) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7 * 20, 3, 8, 8, generator=g)
+    y = torch.randint(0, 10, (7 * 20,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _fit(tmp_path, callback, steps: int = 20, batch_size: int = 7):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    module = OddModule()
+    trainer = make_trainer(tmp_path, [callback], max_steps=steps)
+    trainer.fit(module, _loader(batch_size))
+    return module, trainer
+
+
+def _max_rel_diff(a: nn.Module, b: nn.Module) -> float:
+    worst = 0.0
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        if p.is_floating_point():
+            worst = max(worst, float((p - q).abs().max() / q.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+@pytest.mark.parametrize("batch_size", [7, 1, 32])
+def test_sparse_fit_matches_dense_fit(tmp_path, batch_size):
+    dense, _ = _fit(tmp_path / "d", StaticSparsity(density=0.3, distribution="erk"), batch_size=batch_size)
+    cb = StaticSparsity(density=0.3, distribution="erk", compute="sparse")
+    sparse, _ = _fit(tmp_path / "s", cb, batch_size=batch_size)
+    assert list(dense.state_dict()) == list(sparse.state_dict())
+    assert _max_rel_diff(sparse, dense) <= 1e-4
+    # the kernels really ran, for every masked layer
+    assert cb.router is None  # removed at teardown
+    for name, p in sparse.named_parameters():
+        if name in cb.masked.masks:
+            assert int((p[~cb.masked.masks[name]] != 0).sum()) == 0
+
+
+def test_routes_are_used_and_removed(tmp_path):
+    cb = StaticSparsity(density=0.3, distribution="erk", compute="sparse")
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            seen.update({n: r.sparse_calls for n, r in cb.router.routes.items()})
+
+    torch.manual_seed(0)
+    module = OddModule()
+    make_trainer(tmp_path, [cb, Spy()], max_steps=3).fit(module, _loader(7))
+    assert set(seen) == {
+        "net.conv1.weight",
+        "net.conv2.weight",
+        "net.short.weight",
+        "net.fc1.weight",
+        "net.fc2.weight",
+    }
+    assert all(v == 3 for v in seen.values())
+    assert "_conv_forward" not in module.net.conv1.__dict__ and "forward" not in module.net.fc1.__dict__
+
+
+def test_rigl_sparse_compute_updates_like_dense(tmp_path):
+    """Update steps compute dense (RigL grows by the dense gradient); masks and weights match dense compute."""
+    kw = dict(density=0.3, update_every_steps=5, drop_fraction=0.3, stop_updates_at=1.0, seed=1)
+    dense_cb, sparse_cb = RigL(**kw), RigL(**kw, compute="sparse")
+    dense, _ = _fit(tmp_path / "d", dense_cb, steps=16)
+    rebuilds = {}
+
+    class Spy(pl.Callback):
+        def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+            rebuilds.update({n: r.rebuilds for n, r in sparse_cb.router.routes.items()})
+
+    torch.manual_seed(0)
+    sparse = OddModule()
+    make_trainer(tmp_path / "s", [sparse_cb, Spy()], max_steps=16).fit(sparse, _loader(7))
+    for name in dense_cb.masked.names:
+        assert torch.equal(dense_cb.masked.masks[name], sparse_cb.masked.masks[name]), name
+    assert _max_rel_diff(sparse, dense) <= 1e-4
+    # updates before steps 6, 11 and 16: the index is built once, then rebuilt lazily at the first forward after
+    # each update (none follows the last one)
+    assert all(v == 3 for v in rebuilds.values()), rebuilds
+
+
+def test_auto_decides_once_per_layer_and_logs(tmp_path, caplog):
+    cb = StaticSparsity(density=0.3, distribution="erk", compute="auto")
+    decisions = {}
+
+    class Spy(pl.Callback):
+        def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+            decisions.update(cb.router.decisions())
+
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        torch.manual_seed(0)
+        make_trainer(tmp_path, [cb, Spy()], max_steps=3).fit(OddModule(), _loader(7))
+    assert set(decisions.values()) <= {"sparse", "dense"} and len(decisions) == 5
+    assert sum("(auto)" in r.message for r in caplog.records) == 5
+
+
+def test_unsupported_layers_and_dtypes_fall_back_to_dense_with_a_reason(caplog):
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, groups=2, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Conv1d(4, 4, 1),
+    )
+    names = ["0.weight", "1.weight", "2.weight"]
+    params = dict(model.named_parameters())
+    masked = MaskedParams({n: params[n] for n in names}, {n: torch.rand_like(params[n]) < 0.5 for n in names})
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        router = SparseComputeRouter(model, masked, "sparse")
+    assert router.routes == {}
+    assert "groups=2" in router.dense_layers["0.weight"]
+    assert "padding_mode='reflect'" in router.dense_layers["1.weight"]
+    assert "Conv1d" in router.dense_layers["2.weight"]
+    assert sum("computes dense" in r.message for r in caplog.records) == 3
+
+    lin = nn.Linear(5, 3).double()
+    masked = MaskedParams({"weight": lin.weight}, {"weight": torch.rand(3, 5) < 0.5})
+    masked.apply_()
+    router = SparseComputeRouter(lin, masked, "sparse")
+    x = torch.randn(2, 5, dtype=torch.float64)
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        torch.testing.assert_close(lin(x), nn.functional.linear(x, lin.weight, lin.bias))
+        lin(x)
+    assert sum("float32" in r.message for r in caplog.records) == 1  # said once, not every call
+    router.remove()
+
+
+def test_bad_compute_arguments_raise():
+    with pytest.raises(ValueError, match="compute must be one of"):
+        StaticSparsity(compute="fast")
+    with pytest.raises(TypeError, match="compute"):  # learned masks: no such option (export with to_sparse)
+        Supermask(compute="sparse")
+
+
+def test_sparse_checkpoint_loads_into_a_plain_dense_model(tmp_path):
+    cb = StaticSparsity(density=0.3, compute="sparse")
+    module, trainer = _fit(tmp_path, cb, steps=4)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    plain = OddModule()
+    plain.load_state_dict(state)
+    x = torch.randn(3, 3, 8, 8)
+    module.eval(), plain.eval()
+    torch.testing.assert_close(plain(x), module(x))
