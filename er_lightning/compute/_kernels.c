@@ -20,6 +20,7 @@
 #include <omp.h>
 
 typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
 #define VL 16
 
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -60,19 +61,40 @@ static void row_axpy(float *restrict out, const float *restrict base, const int6
         st(out + u + 7 * VL, a7);
     }
     for (; u + 2 * VL <= L; u += 2 * VL) {
-        vf a0 = {0}, a1 = {0};
-        for (int64_t k = 0; k < nnz; k++) {
+        /* four partial sums over k per vector: eight independent FMA chains */
+        vf a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, e0 = {0}, e1 = {0};
+        int64_t k = 0;
+        for (; k + 4 <= nnz; k += 4) {
+            const float *p0 = base + offs[k] + u, *p1 = base + offs[k + 1] + u, *p2 = base + offs[k + 2] + u,
+                        *p3 = base + offs[k + 3] + u;
+            a0 += w[k] * ld(p0);
+            a1 += w[k] * ld(p0 + VL);
+            b0 += w[k + 1] * ld(p1);
+            b1 += w[k + 1] * ld(p1 + VL);
+            c0 += w[k + 2] * ld(p2);
+            c1 += w[k + 2] * ld(p2 + VL);
+            e0 += w[k + 3] * ld(p3);
+            e1 += w[k + 3] * ld(p3 + VL);
+        }
+        for (; k < nnz; k++) {
             const float *p = base + offs[k] + u;
             a0 += w[k] * ld(p);
             a1 += w[k] * ld(p + VL);
         }
-        st(out + u, a0);
-        st(out + u + VL, a1);
+        st(out + u, (a0 + b0) + (c0 + e0));
+        st(out + u + VL, (a1 + b1) + (c1 + e1));
     }
     for (; u + VL <= L; u += VL) {
-        vf a0 = {0};
-        for (int64_t k = 0; k < nnz; k++) a0 += w[k] * ld(base + offs[k] + u);
-        st(out + u, a0);
+        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        int64_t k = 0;
+        for (; k + 4 <= nnz; k += 4) {
+            a0 += w[k] * ld(base + offs[k] + u);
+            a1 += w[k + 1] * ld(base + offs[k + 1] + u);
+            a2 += w[k + 2] * ld(base + offs[k + 2] + u);
+            a3 += w[k + 3] * ld(base + offs[k + 3] + u);
+        }
+        for (; k < nnz; k++) a0 += w[k] * ld(base + offs[k] + u);
+        st(out + u, (a0 + a1) + (a2 + a3));
     }
     if (u < L) {
         const int64_t rem = L - u;
@@ -83,6 +105,23 @@ static void row_axpy(float *restrict out, const float *restrict base, const int6
         }
         memcpy(out + u, acc, rem * sizeof(float));
     }
+}
+
+/* (hsum(s0), hsum(s1), hsum(s2), hsum(s3)) added into acc[0..3] with 8 shuffles instead of 12 */
+static inline void hsum4_add(float *acc, vf s0, vf s1, vf s2, vf s3) {
+    const vi lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vi hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vf a = __builtin_shuffle(s0, s1, lo) + __builtin_shuffle(s0, s1, hi); /* s0 | s1, 8 lanes each */
+    const vf b = __builtin_shuffle(s2, s3, lo) + __builtin_shuffle(s2, s3, hi);
+    const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    vf c = __builtin_shuffle(a, b, lo4) + __builtin_shuffle(a, b, hi4); /* 4 lanes each: s0 | s1 | s2 | s3 */
+    c += __builtin_shuffle(c, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    c += __builtin_shuffle(c, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    acc[0] += c[0];
+    acc[1] += c[4];
+    acc[2] += c[8];
+    acc[3] += c[12];
 }
 
 /* acc[k] += sum over rows i < ni and u < L of dy[i*dy_row + u] * x[offs[k] + i*x_row + u], for every k: four
@@ -117,10 +156,11 @@ static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_r
                 r3 += d[u] * p3[u];
             }
         }
-        acc[k] += r0 + hsum(s0 + t0);
-        acc[k + 1] += r1 + hsum(s1 + t1);
-        acc[k + 2] += r2 + hsum(s2 + t2);
-        acc[k + 3] += r3 + hsum(s3 + t3);
+        acc[k] += r0;
+        acc[k + 1] += r1;
+        acc[k + 2] += r2;
+        acc[k + 3] += r3;
+        hsum4_add(acc + k, s0 + t0, s1 + t1, s2 + t2, s3 + t3);
     }
     for (; k < nnz; k++) {
         vf s = {0}, t = {0};
@@ -135,6 +175,18 @@ static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_r
         }
         acc[k] += r + hsum(s + t);
     }
+}
+
+/* vals[k] = w[idx[k]] (the active weights in one order) */
+void er_gather(const float *w, const int64_t *idx, int64_t n, float *vals, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
+    for (int64_t k = 0; k < n; k++) vals[k] = w[idx[k]];
+}
+
+/* g[idx[k]] = vals[k] (the weight gradient at active positions) */
+void er_scatter(float *g, const int64_t *idx, int64_t n, const float *vals, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
+    for (int64_t k = 0; k < n; k++) g[idx[k]] = vals[k];
 }
 
 void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *dw, int64_t plane, int64_t row,
@@ -200,7 +252,6 @@ void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const 
 }
 
 /* In-register transpose of a 16x16 block: r[i][l] -> r[l][i] (four butterfly stages of two-vector shuffles). */
-typedef int32_t vi __attribute__((vector_size(64)));
 static inline void transpose16(vf r[16]) {
     {
         const vi lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from er_lightning.compute.build import load_kernels
 
-__all__ = ["SparseIndex", "sparse_conv2d", "sparse_linear", "supports", "conv_padding"]
+__all__ = ["SparseIndex", "conv2d_values", "conv_padding", "sparse_conv2d", "sparse_linear", "supports"]
 
 #: Floats of input rows a band of output rows may touch (keeps them in a 2 MB L2 with room for the outputs).
 _BAND_FLOATS = 196_608
@@ -167,8 +167,20 @@ class SparseIndex:
         return buf.view(weight.shape)  # a new tensor object over the kept storage
 
     def values(self, weight: Tensor) -> Tensor:
-        """The active weights in forward order."""
-        return weight.detach().reshape(-1).index_select(0, self.flat_index)
+        """The active weights in forward order (one sequential pass over the weight)."""
+        w = weight.detach()
+        if not w.is_contiguous():
+            w = w.contiguous()
+        return self._gather(w, self.flat_index)
+
+    def transposed_values(self, values: Tensor) -> Tensor:
+        """The active weights in input-gradient order, from :meth:`values` (a gather within the small array)."""
+        return self._gather(values, self.perm)
+
+    def _gather(self, src: Tensor, idx: Tensor) -> Tensor:
+        out = torch.empty(self.nnz, dtype=src.dtype)
+        _lib().er_gather(_ptr(src), _ptr(idx), self.nnz, _ptr(out), torch.get_num_threads())
+        return out
 
 
 def _row_ptr(rows: Tensor, n: int) -> Tensor:
@@ -208,58 +220,77 @@ def _band(rows_all_planes: int, row_floats: int, halo: int) -> int:
     return max(1, _BAND_FLOATS // per_row - halo)
 
 
+def _forward(x: Tensor, vals: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]):
+    """The forward pass over packed planes: (output, packed input, geometry)."""
+    lib = _lib()
+    nt = torch.get_num_threads()
+    x = x.contiguous()
+    B, C, H, W = x.shape
+    kh, kw = index.kernel
+    sh, sw = index.stride
+    dlh, dlw = index.dilation
+    pt, pb, pl, pr = pad
+    OH = (H + pt + pb - dlh * (kh - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dlw * (kw - 1) - 1) // sw + 1
+    if OH <= 0 or OW <= 0:
+        raise RuntimeError(f"input of size {H}x{W} is too small for this convolution")
+    if index.in_channels != C:
+        raise RuntimeError(f"input has {C} channels, the layer takes {index.in_channels}")
+    OC, P = index.out_channels, index.phases
+    Hq, Wq = OH + index.mh, OW + index.mw
+    xq = torch.empty((P, C, Hq, Wq, B), dtype=x.dtype)
+    lib.er_pack(_ptr(x), _ptr(xq), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+    plane, row = Hq * Wq * B, Wq * B
+    offs = index.offsets(False, plane, row, B)
+    if OW * B >= 32:  # one output row per span
+        y = torch.empty((OC, OH, OW * B), dtype=x.dtype)
+        y_row, n_i, L = OW * B, OH, OW * B
+    else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
+        y = torch.empty((OC, OH, Wq * B), dtype=x.dtype)
+        y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
+    band = _band(P * C, row, index.mh)
+    vals = vals.contiguous()
+    lib.er_spmm(
+        OC,
+        _ptr(index.row_ptr),
+        _ptr(offs),
+        _ptr(vals),
+        _ptr(xq),
+        row,
+        _ptr(y),
+        OH * y_row,
+        y_row,
+        n_i,
+        L,
+        band,
+        nt,
+    )
+    out = torch.empty((B, OC, OH, OW), dtype=x.dtype)
+    b = bias.detach().contiguous() if bias is not None else None
+    lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
+    return out, xq, (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
+
+
+def conv2d_values(
+    x: Tensor, values: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]
+) -> Tensor:
+    """Inference: the convolution of (B, C, H, W) ``x`` with the active ``values`` (forward order of ``index``).
+
+    No autograd graph is recorded (export modules use it under ``torch.inference_mode`` or ``no_grad``).
+    """
+    return _forward(x.detach(), values.detach(), bias, index, pad)[0]
+
+
 class _SparseConv(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]
     ):
-        lib = _lib()
-        nt = torch.get_num_threads()
-        x = x.contiguous()
-        B, C, H, W = x.shape
-        kh, kw = index.kernel
-        sh, sw = index.stride
-        dlh, dlw = index.dilation
-        pt, pb, pl, pr = pad
-        OH = (H + pt + pb - dlh * (kh - 1) - 1) // sh + 1
-        OW = (W + pl + pr - dlw * (kw - 1) - 1) // sw + 1
-        if OH <= 0 or OW <= 0:
-            raise RuntimeError(f"input of size {H}x{W} is too small for this convolution")
-        OC, P = index.out_channels, index.phases
-        Hq, Wq = OH + index.mh, OW + index.mw
-        xq = torch.empty((P, C, Hq, Wq, B), dtype=x.dtype)
-        lib.er_pack(_ptr(x), _ptr(xq), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
         vals = index.values(weight)
-        plane, row = Hq * Wq * B, Wq * B
-        offs = index.offsets(False, plane, row, B)
-        if OW * B >= 32:  # one output row per span
-            y = torch.empty((OC, OH, OW * B), dtype=x.dtype)
-            y_row, n_i, L = OW * B, OH, OW * B
-        else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
-            y = torch.empty((OC, OH, Wq * B), dtype=x.dtype)
-            y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
-        band = _band(P * C, row, index.mh)
-        lib.er_spmm(
-            OC,
-            _ptr(index.row_ptr),
-            _ptr(offs),
-            _ptr(vals),
-            _ptr(xq),
-            row,
-            _ptr(y),
-            OH * y_row,
-            y_row,
-            n_i,
-            L,
-            band,
-            nt,
-        )
-        out = torch.empty((B, OC, OH, OW), dtype=x.dtype)
-        b = bias.detach().contiguous() if bias is not None else None
-        lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
-        ctx.save_for_backward(xq, weight)
+        out, xq, geom = _forward(x, vals, bias, index, pad)
+        ctx.save_for_backward(xq, weight, vals)
         ctx.index = index
-        ctx.geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
+        ctx.geom = geom
         ctx.has_bias = bias is not None
         return out
 
@@ -267,7 +298,7 @@ class _SparseConv(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         lib = _lib()
         nt = torch.get_num_threads()
-        xq, weight = ctx.saved_tensors
+        xq, weight, vals = ctx.saved_tensors
         index: SparseIndex = ctx.index
         B, C, H, W, OH, OW, Hq, Wq, pt, pl = ctx.geom
         sh, sw = index.stride
@@ -280,7 +311,7 @@ class _SparseConv(torch.autograd.Function):
         lib.er_pack(_ptr(g), _ptr(gq), B, OC, OH, OW, 1, 1, mh, mw, gh, gw, nt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            vals_t = index.values(weight).index_select(0, index.perm)
+            vals_t = index.transposed_values(vals)
             offs_t = index.offsets(True, gh * gw * B, gw * B, B)
             gxq = torch.empty((P, C, Hq, Wq, B), dtype=torch.float32)
             band = _band(OC, gw * B, mh)
@@ -330,7 +361,7 @@ class _SparseConv(torch.autograd.Function):
                 nt,
             )
             grad_w = index.grad_buffer(weight)
-            grad_w.view(-1).index_copy_(0, index.flat_index, dvals)
+            lib.er_scatter(_ptr(grad_w), _ptr(index.flat_index), index.nnz, _ptr(dvals), nt)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None, None

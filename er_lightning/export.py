@@ -1,0 +1,297 @@
+"""Inference copies of sparse models that compute with the sparse kernels: :func:`to_sparse`, save and load.
+
+:func:`to_sparse` takes any trained module whose masked weights are exact zeros (a checkpoint of any hard-mask
+callback, ``Supermask.bake()``, ``SoftThreshold.finalize()``) and returns an evaluation-mode copy in which
+
+* every ``BatchNorm`` that directly follows a convolution or linear layer is folded into it (exact in eval mode;
+  done with ``torch.fx.experimental.optimization.fuse``, skipped with a log line for models ``torch.fx`` cannot
+  trace), and
+* every ``Conv2d`` (``groups=1``, zero padding) and ``Linear`` whose density is at most ``max_density`` is
+  replaced by :class:`SparseConv2d` / :class:`SparseLinear`, which keep only the active values and their flat
+  positions and compute with the CPU kernels (other devices and dtypes compute densely from them).
+
+:func:`save_sparse` writes tensors, lists and strings only, so :func:`load_sparse` reads the file with
+``torch.load(..., weights_only=True)``; it rebuilds the same structure from a freshly built (untrained) model of
+the same architecture.
+
+Example:
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+    ...                     nn.Linear(8 * 4 * 4, 10)).eval()
+    >>> with torch.no_grad():
+    ...     for p in (net[0].weight, net[4].weight):
+    ...         _ = p.mul_(torch.rand_like(p) < 0.1)
+    >>> fast = to_sparse(net)
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> bool(torch.allclose(fast(x), net(x), atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from er_lightning.compute import SparseIndex, conv_padding, supports
+from er_lightning.compute.functional import conv2d_values
+
+__all__ = ["SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "to_sparse"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class _SparseLayer(nn.Module):
+    """Shared storage: ``values`` (active weights) and ``indices`` (their flat positions), both buffers."""
+
+    def __init__(
+        self, weight_shape: tuple[int, ...], values: Tensor, indices: Tensor, bias: Tensor | None
+    ) -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.register_buffer("values", values.detach().clone().contiguous())
+        self.register_buffer("indices", indices.detach().clone().to(torch.int64).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._index: SparseIndex | None = None
+        self._index_key: tuple[int, int] | None = None
+
+    @property
+    def density(self) -> float:
+        numel = 1
+        for s in self.weight_shape:
+            numel *= s
+        return self.indices.numel() / max(numel, 1)
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a dense tensor (zeros at inactive positions)."""
+        w = torch.zeros(self.weight_shape, dtype=self.values.dtype, device=self.values.device)
+        w.view(-1)[self.indices] = self.values
+        return w
+
+    def _sparse_index(self, stride: Any = 1, dilation: Any = 1) -> SparseIndex:
+        key = (self.indices.data_ptr(), self.indices._version)
+        if self._index is None or key != self._index_key:
+            mask = torch.zeros(self.weight_shape, dtype=torch.bool)
+            mask.view(-1)[self.indices.cpu()] = True
+            index = SparseIndex(mask, stride=stride, dilation=dilation)
+            if not torch.equal(index.flat_index, self.indices.cpu()):
+                raise ValueError(f"{type(self).__name__}: indices must be sorted, unique flat positions")
+            self._index, self._index_key = index, key
+        return self._index
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # noqa: ANN001
+        # the number of active weights is part of the data, not of the architecture: take the saved sizes
+        for key in ("values", "indices"):
+            t = state_dict.get(prefix + key)
+            if isinstance(t, Tensor):
+                setattr(self, key, torch.empty_like(t))
+        numel = 1
+        for s in self.weight_shape:
+            numel *= s
+        idx, vals = state_dict.get(prefix + "indices"), state_dict.get(prefix + "values")
+        if isinstance(idx, Tensor) and isinstance(vals, Tensor):
+            if idx.dim() != 1 or vals.shape != idx.shape:
+                errors.append(
+                    f"{prefix}values/indices must be 1-D of equal length, got {tuple(vals.shape)}, {tuple(idx.shape)}"
+                )
+            elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                errors.append(
+                    f"{prefix}indices must lie in [0, {numel}) for weight shape {self.weight_shape}"
+                )
+            elif idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                errors.append(f"{prefix}indices must be strictly increasing")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        self._index = None
+
+
+class SparseConv2d(_SparseLayer):
+    """Inference ``Conv2d`` over its active weights (see :func:`to_sparse`)."""
+
+    def __init__(self, conv: nn.Conv2d, mask: Tensor) -> None:
+        flat = mask.reshape(-1).nonzero().reshape(-1)
+        super().__init__(tuple(conv.weight.shape), conv.weight.detach().reshape(-1)[flat], flat, conv.bias)
+        self.stride = tuple(conv.stride)
+        self.dilation = tuple(conv.dilation)
+        self.padding = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if supports(x, self.values) is None and not (torch.is_grad_enabled() and x.requires_grad):
+            unbatched = x.dim() == 3
+            xb = x.unsqueeze(0) if unbatched else x
+            y = conv2d_values(
+                xb, self.values, self.bias, self._sparse_index(self.stride, self.dilation), self.padding
+            )
+            return y.squeeze(0) if unbatched else y
+        pt, pb, pl, pr = self.padding
+        return nn.functional.conv2d(
+            nn.functional.pad(x, (pl, pr, pt, pb)),
+            self.dense_weight(),
+            self.bias,
+            self.stride,
+            0,
+            self.dilation,
+        )
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight_shape}, stride={self.stride}, padding={self.padding}, density={self.density:.4f}"
+
+
+class SparseLinear(_SparseLayer):
+    """Inference ``Linear`` over its active weights (see :func:`to_sparse`)."""
+
+    def __init__(self, linear: nn.Linear, mask: Tensor) -> None:
+        flat = mask.reshape(-1).nonzero().reshape(-1)
+        super().__init__(
+            tuple(linear.weight.shape), linear.weight.detach().reshape(-1)[flat], flat, linear.bias
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if supports(x, self.values) is None and not (torch.is_grad_enabled() and x.requires_grad):
+            lead = x.shape[:-1]
+            y = conv2d_values(
+                x.reshape(-1, x.shape[-1], 1, 1), self.values, self.bias, self._sparse_index(), (0, 0, 0, 0)
+            )
+            return y.reshape(*lead, self.weight_shape[0])
+        return nn.functional.linear(x, self.dense_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight_shape}, density={self.density:.4f}"
+
+
+def _fold_batchnorm(model: nn.Module) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model, inplace=True)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: keep the BatchNorms
+        log.info(
+            "to_sparse: BatchNorm left unfolded (torch.fx could not trace %s: %s)", type(model).__name__, exc
+        )
+        return model
+
+
+def _strip_routes(model: nn.Module) -> None:
+    for m in model.modules():
+        if "_er_sparse_route" in m.__dict__:
+            for key in ("_er_sparse_route", "_conv_forward", "forward"):
+                m.__dict__.pop(key, None)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _convertible(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def to_sparse(
+    module: nn.Module,
+    masks: Mapping[str, Tensor] | None = None,
+    *,
+    fold_batchnorm: bool = True,
+    max_density: float = 0.5,
+) -> nn.Module:
+    """An inference copy of ``module`` whose sparse ``Conv2d``/``Linear`` layers compute with the sparse kernels.
+
+    Args:
+        module: a trained module (any ``nn.Module``; pass the backbone, e.g. ``SparseLightningModule.model``).
+            Its masked weights must be exact zeros, as every hard-mask callback leaves them.
+        masks: optional FQN (``"layer1.0.conv1.weight"``) → bool mask; by default a layer's mask is its
+            nonzero pattern.
+        fold_batchnorm: fold each BatchNorm that follows a conv/linear layer into it (exact in eval mode).
+        max_density: layers denser than this stay dense (dense kernels win there).
+
+    Returns:
+        A new module in eval mode; ``module`` itself is not changed.
+    """
+    if not 0.0 < max_density <= 1.0:
+        raise ValueError(f"max_density must be in (0, 1], got {max_density}")
+    model = copy.deepcopy(module).eval()
+    _strip_routes(model)
+    if masks is not None:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(masks) - set(params))
+        if unknown:
+            raise ValueError(f"masks name parameters the module does not have: {unknown}")
+        with torch.no_grad():
+            for name, mask in masks.items():
+                if tuple(mask.shape) != tuple(params[name].shape):
+                    raise ValueError(
+                        f"mask {name!r} has shape {tuple(mask.shape)}, parameter {tuple(params[name].shape)}"
+                    )
+                params[name].mul_(mask.to(params[name].device, params[name].dtype))
+    if fold_batchnorm:
+        model = _fold_batchnorm(model)
+    converted = []
+    for name, sub in list(model.named_modules()):
+        if not name or not _convertible(sub):
+            continue
+        mask = sub.weight.detach() != 0
+        density = float(mask.float().mean())
+        if density > max_density:
+            continue
+        new = SparseConv2d(sub, mask) if isinstance(sub, nn.Conv2d) else SparseLinear(sub, mask)
+        _replace(model, name, new)
+        converted.append((name, density))
+    log.info(
+        "to_sparse: %d layers compute sparse (%s)",
+        len(converted),
+        ", ".join(f"{n} {d:.3f}" for n, d in converted) or "none",
+    )
+    return model.eval()
+
+
+def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a :func:`to_sparse` model as plain tensors (loadable with ``torch.load(..., weights_only=True)``)."""
+    sparse = [n for n, m in model.named_modules() if isinstance(m, _SparseLayer)]
+    folded = not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    torch.save(
+        {
+            "format_version": FORMAT_VERSION,
+            "fold_batchnorm": folded,
+            "sparse_layers": sparse,
+            "state_dict": model.state_dict(),
+        },
+        path,
+    )
+
+
+def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load :func:`save_sparse` output into the structure of ``template`` (same architecture, any weights).
+
+    Raises:
+        ValueError: the file is not an export of this library, or does not fit the template (names what differs).
+    """
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{os.fspath(path)} is not an er_lightning sparse export (format_version {FORMAT_VERSION})"
+        )
+    model = copy.deepcopy(template).eval()
+    _strip_routes(model)
+    if data["fold_batchnorm"]:
+        model = _fold_batchnorm(model)
+    modules = dict(model.named_modules())
+    for name in data["sparse_layers"]:
+        sub = modules.get(name)
+        if sub is None or not _convertible(sub):
+            raise ValueError(
+                f"{os.fspath(path)}: sparse layer {name!r} has no Conv2d/Linear counterpart in the template"
+            )
+        empty = torch.zeros_like(sub.weight, dtype=torch.bool)
+        _replace(
+            model, name, SparseConv2d(sub, empty) if isinstance(sub, nn.Conv2d) else SparseLinear(sub, empty)
+        )
+    model.load_state_dict(data["state_dict"], strict=True)
+    return model.eval()

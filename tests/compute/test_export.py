@@ -1,0 +1,122 @@
+"""to_sparse: inference copies on the sparse kernels, equal to the dense model, saved and loaded as plain tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from er_lightning import RigL, SoftThreshold, StaticSparsity, Supermask
+from er_lightning.compute import kernels_available
+from er_lightning.export import SparseConv2d, load_sparse, save_sparse, to_sparse
+from er_lightning.models import create_model
+from tests.conftest import PlainModule, make_trainer, random_loader
+
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="sparse kernels unavailable")
+
+
+class _Backbone(PlainModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = create_model("resnet20", num_classes=10, input_size=8)
+
+
+def _trained(tmp_path, callback, steps: int = 3) -> PlainModule:  # noqa: ANN001
+    torch.manual_seed(0)
+    module = _Backbone()
+    make_trainer(tmp_path, [callback], max_steps=steps).fit(module, random_loader())
+    return module.eval()
+
+
+def _check_equal(sparse: nn.Module, dense: nn.Module, batch: int) -> None:
+    x = torch.randn(batch, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("callback", [StaticSparsity(density=0.1), RigL(density=0.1, update_every_steps=1)])
+def test_to_sparse_equals_the_dense_model_with_batchnorm_folded(tmp_path, callback):
+    module = _trained(tmp_path, callback)
+    fast = to_sparse(module.net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    kinds = [type(m) for m in fast.modules()]
+    # resnet20 has 21 convs (stem, 18 in blocks, 2 shortcuts) and a linear head; layers above max_density=0.5
+    # (ERK's small stem and head) stay dense
+    dense_convs = sum(
+        1 for n, p in module.net.named_parameters() if p.dim() == 4 and float((p != 0).float().mean()) > 0.5
+    )
+    assert kinds.count(SparseConv2d) == 21 - dense_convs
+    for batch in (1, 7, 32):
+        _check_equal(fast, module.net, batch)
+    # the trained module is untouched and still has its BatchNorms
+    assert any(isinstance(m, nn.BatchNorm2d) for m in module.net.modules())
+
+
+def test_saved_export_loads_with_weights_only_into_a_fresh_architecture(tmp_path):
+    module = _trained(tmp_path, StaticSparsity(density=0.1))
+    fast = to_sparse(module.net)
+    path = tmp_path / "sparse.pt"
+    save_sparse(fast, path)
+    torch.load(path, weights_only=True)  # plain tensors, lists and strings
+    fresh = create_model("resnet20", num_classes=10, input_size=8)
+    loaded = load_sparse(fresh, path)
+    _check_equal(loaded, module.net, 5)
+    # active counts survive exactly
+    for (n, a), (_, b) in zip(fast.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(a, b), n
+
+
+def test_export_from_supermask_bake_and_soft_threshold_finalize(tmp_path):
+    torch.manual_seed(0)
+    sm = PlainModule()
+    cb = Supermask(density=0.2, er_density=0.5, seed=5)
+    make_trainer(tmp_path / "a", [cb], max_steps=3).fit(sm, random_loader())
+    sm.eval()
+    baked = cb.bake(sm)
+    fast = to_sparse(baked.net)
+    assert any(isinstance(m, SparseConv2d) for m in fast.modules())
+    _check_equal(fast, sm.net, 4)
+
+    torch.manual_seed(0)
+    st = PlainModule()
+    cb2 = SoftThreshold(density=0.3, distribution="uniform", s_init=-2.5, seed=3)
+    make_trainer(tmp_path / "b", [cb2], max_steps=3).fit(st, random_loader())
+    st.eval()
+    plain = cb2.finalize(st)
+    _check_equal(to_sparse(plain.net, max_density=1.0), st.net, 4)
+
+
+def test_load_sparse_refuses_foreign_or_tampered_files(tmp_path):
+    module = _trained(tmp_path, StaticSparsity(density=0.1))
+    fast = to_sparse(module.net)
+    path = tmp_path / "sparse.pt"
+    save_sparse(fast, path)
+    data = torch.load(path, weights_only=True)
+    fresh = create_model("resnet20", num_classes=10, input_size=8)
+
+    torch.save({"state_dict": data["state_dict"]}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an er_lightning sparse export"):
+        load_sparse(fresh, tmp_path / "other.pt")
+
+    bad = dict(data, sparse_layers=[*data["sparse_layers"], "layer9.conv"])
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="layer9.conv"):
+        load_sparse(fresh, tmp_path / "bad.pt")
+
+    name = data["sparse_layers"][0]
+    sd = dict(data["state_dict"])
+    sd[f"{name}.indices"] = sd[f"{name}.indices"].clone()
+    sd[f"{name}.indices"][-1] = 10**9
+    torch.save(dict(data, state_dict=sd), tmp_path / "oob.pt")
+    with pytest.raises(RuntimeError, match="indices must lie in"):
+        load_sparse(fresh, tmp_path / "oob.pt")
+
+
+def test_to_sparse_validates_arguments():
+    net = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="max_density"):
+        to_sparse(net, max_density=0.0)
+    with pytest.raises(ValueError, match="does not have"):
+        to_sparse(net, masks={"1.weight": torch.ones(3, 4, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="shape"):
+        to_sparse(net, masks={"0.weight": torch.ones(4, 3, dtype=torch.bool)})
