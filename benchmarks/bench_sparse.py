@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
+from bench_step import StepTimer, _loader  # the sibling script: same timer and repeated-batch loader
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -155,29 +156,6 @@ def table_layers(args: argparse.Namespace) -> None:
         print(f"| {label} | " + " | ".join(cells) + f" | {worst:.1e} |", flush=True)
 
 
-class _StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
-        self.times.append(time.perf_counter() - self._t0)
-
-
-class _Repeat(torch.utils.data.Dataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
-        self.x, self.y, self.n = x, y, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):  # noqa: ANN204
-        return self.x, self.y
-
-
 def _flops_ratio(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> float:
     """Forward FLOPs of the sparse model over the dense one: conv/linear FLOPs scale with their density."""
     density_by_module = {n.rpartition(".")[0]: float(m.float().mean()) for n, m in masks.items()}
@@ -220,7 +198,7 @@ def table_train(args: argparse.Namespace) -> None:
                 "auto": [StaticSparsity(density=d, distribution=rule, compute="auto")],
             }
             mods = {k: copy.deepcopy(base) for k in variants}
-            timers = {k: _StepTimer() for k in variants}
+            timers = {k: StepTimer(torch.device("cpu")) for k in variants}
             for _ in range(args.reps):
                 for k, cbs in variants.items():
                     trainer = pl.Trainer(
@@ -235,9 +213,7 @@ def table_train(args: argparse.Namespace) -> None:
                         limit_val_batches=0,
                         callbacks=[*cbs, timers[k]],
                     )
-                    trainer.fit(
-                        mods[k], torch.utils.data.DataLoader(_Repeat(x, y, args.steps), batch_size=None)
-                    )
+                    trainer.fit(mods[k], _loader(x, y, args.steps))
             med = {}
             for k, t in timers.items():
                 kept = [
