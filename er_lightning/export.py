@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -195,12 +196,46 @@ def _convertible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _layer_inputs(model: nn.Module, names: list[str], example_input: Any) -> dict[str, Tensor]:
+    """The input each named layer sees on one forward pass of ``example_input``."""
+    seen: dict[str, Tensor] = {}
+    handles = []
+    for name in names:
+        sub = model.get_submodule(name)
+        handles.append(
+            sub.register_forward_pre_hook(lambda m, args, n=name: seen.setdefault(n, args[0].detach()))
+        )
+    try:
+        with torch.no_grad():
+            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _faster_sparse(
+    dense: nn.Module, sparse: nn.Module, x: Tensor, reps: int = 5
+) -> tuple[bool, float, float]:
+    """Whether ``sparse`` beats ``dense`` on ``x`` (forward, interleaved, best of ``reps``)."""
+    best = {"d": float("inf"), "s": float("inf")}
+    with torch.no_grad():
+        dense(x), sparse(x)
+        for _ in range(reps):
+            for key, m in (("d", dense), ("s", sparse)):
+                start = time.perf_counter()
+                m(x)
+                best[key] = min(best[key], time.perf_counter() - start)
+    return best["s"] < best["d"], best["d"], best["s"]
+
+
 def to_sparse(
     module: nn.Module,
     masks: Mapping[str, Tensor] | None = None,
     *,
     fold_batchnorm: bool = True,
     max_density: float = 0.5,
+    example_input: Any = None,
 ) -> nn.Module:
     """An inference copy of ``module`` whose sparse ``Conv2d``/``Linear`` layers compute with the sparse kernels.
 
@@ -211,6 +246,9 @@ def to_sparse(
             nonzero pattern.
         fold_batchnorm: fold each BatchNorm that follows a conv/linear layer into it (exact in eval mode).
         max_density: layers denser than this stay dense (dense kernels win there).
+        example_input: a batch (or tuple of forward arguments) of the size you will run; when given, each
+            candidate layer is timed dense against sparse on the input it sees and converted only where sparse
+            is faster (logged). Without it, every layer at or below ``max_density`` is converted.
 
     Returns:
         A new module in eval mode; ``module`` itself is not changed.
@@ -233,15 +271,32 @@ def to_sparse(
                 params[name].mul_(mask.to(params[name].device, params[name].dtype))
     if fold_batchnorm:
         model = _fold_batchnorm(model)
-    converted = []
+    candidates = []
     for name, sub in list(model.named_modules()):
         if not name or not _convertible(sub):
             continue
         mask = sub.weight.detach() != 0
         density = float(mask.float().mean())
-        if density > max_density:
-            continue
+        if density <= max_density:
+            candidates.append((name, sub, mask, density))
+    inputs = (
+        _layer_inputs(model, [c[0] for c in candidates], example_input) if example_input is not None else {}
+    )
+    converted = []
+    for name, sub, mask, density in candidates:
         new = SparseConv2d(sub, mask) if isinstance(sub, nn.Conv2d) else SparseLinear(sub, mask)
+        if name in inputs:
+            faster, t_dense, t_sparse = _faster_sparse(sub, new, inputs[name])
+            log.info(
+                "to_sparse: %s (density %.3f) dense %.2f ms, sparse %.2f ms: %s",
+                name,
+                density,
+                t_dense * 1e3,
+                t_sparse * 1e3,
+                "sparse" if faster else "stays dense",
+            )
+            if not faster:
+                continue
         _replace(model, name, new)
         converted.append((name, density))
     log.info(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
 
 from er_lightning import RigL, SoftThreshold, StaticSparsity, Supermask
 from er_lightning.compute import kernels_available
-from er_lightning.export import SparseConv2d, load_sparse, save_sparse, to_sparse
+from er_lightning.export import SparseConv2d, SparseLinear, load_sparse, save_sparse, to_sparse
 from er_lightning.models import create_model
 from tests.conftest import PlainModule, make_trainer, random_loader
 
@@ -120,3 +122,18 @@ def test_to_sparse_validates_arguments():
         to_sparse(net, masks={"1.weight": torch.ones(3, 4, dtype=torch.bool)})
     with pytest.raises(ValueError, match="shape"):
         to_sparse(net, masks={"0.weight": torch.ones(4, 3, dtype=torch.bool)})
+
+
+def test_to_sparse_with_an_example_input_times_every_candidate_layer(tmp_path, caplog):
+    module = _trained(tmp_path, StaticSparsity(density=0.1))
+    x = torch.randn(4, 3, 8, 8)
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        fast = to_sparse(module.net, example_input=x)
+    decided = [r.message for r in caplog.records if "ms, sparse" in r.message]
+    candidates = sum(
+        1 for p in module.net.parameters() if p.dim() in (2, 4) and float((p != 0).float().mean()) <= 0.5
+    )
+    assert len(decided) == candidates  # one timed decision per candidate layer, logged
+    kept_sparse = sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
+    assert kept_sparse == sum("sparse" in m.rsplit(":", 1)[1] for m in decided)
+    _check_equal(fast, module.net, 4)
