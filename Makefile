@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_sparse.py
 
 clean:
 	rm -rf $(VENV) lightning_logs runs .pytest_cache
