@@ -29,6 +29,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from typing_extensions import override
 
+from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.compute import COMPUTE_MODES, SparseComputeRouter
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
 from er_lightning.masking.io import SPARSE_CHECKPOINT_KEY
@@ -41,7 +42,7 @@ from er_lightning.masking.targets import (
     parameter_aliases,
     select_targets,
 )
-from er_lightning.sparsity.checks import check_density, check_patterns
+from er_lightning.sparsity.checks import check_bool, check_density, check_patterns
 from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
 from er_lightning.sparsity.flow import preserve_flow_
 from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_repair_
@@ -207,8 +208,18 @@ class SparsityCallback(Callback):
             raise ValueError(f"ortho_steps must be >= 1 and ortho_lr > 0, got {ortho_steps} and {ortho_lr}")
         if not math.isfinite(power_scale):
             raise ValueError(f"power_scale must be finite, got {power_scale}")
-        if not isinstance(embeddings, bool):
-            raise TypeError(f"embeddings must be a bool (mask embedding tables or not), got {embeddings!r}")
+        for flag, value in (
+            ("embeddings", embeddings),
+            ("dense_first_layer", dense_first_layer),
+            ("dense_last_layer", dense_last_layer),
+            ("redistribute", redistribute),
+            ("flow_preservation", flow_preservation),
+            ("ortho_repair", ortho_repair),
+            ("rezero_every_step", rezero_every_step),
+            ("verify_masks", verify_masks),
+            ("log_layer_densities", log_layer_densities),
+        ):
+            check_bool(value, flag)
         self.sampling = sampling
         self.seed = seed
         self.include = check_patterns(include, "include") or None
@@ -237,6 +248,8 @@ class SparsityCallback(Callback):
         #: The fit-time weight work (init, zeroing, repairs) is done, or the weights came with a checkpoint.
         self._weights_ready = False
         self._logged_compute = False
+        #: Set by subclasses whose schedules count optimizer steps; checked at every training batch.
+        self.step_unit: StepUnitGuard | None = None
 
     # ------------------------------------------------------------------ config
     def mask_config(self) -> dict[str, Any]:
@@ -562,9 +575,18 @@ class SparsityCallback(Callback):
         """Hook for topology changes; gradients are dense here. The static callback changes nothing."""
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.step_unit is not None:
+            self.step_unit.batch_start(trainer, pl_module)
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.step_unit is not None:
+            self.step_unit.batch_end(trainer)
         if self.rezero_every_step and self.masked is not None:
             self.masked.apply_()
             self.masked.zero_optimizer_state_(trainer.optimizers)
@@ -633,9 +655,16 @@ class SparsityCallback(Callback):
 
     @rank_zero_only
     def log_densities(
-        self, trainer: pl.Trainer, setup: bool = False, extra: Mapping[str, float] | None = None
+        self,
+        trainer: pl.Trainer,
+        setup: bool = False,
+        extra: Mapping[str, float] | None = None,
+        step: int | None = None,
     ) -> None:
-        """Write global (and optionally per-layer) densities to every logger; on setup also a per-layer figure."""
+        """Write global (and optionally per-layer) densities to every logger; on setup also a per-layer figure.
+
+        ``step`` is the logged step, ``trainer.global_step`` by default.
+        """
         if self.masked is None or not trainer.loggers:
             return
         densities = self.masked.densities()
@@ -645,7 +674,7 @@ class SparsityCallback(Callback):
         if extra:
             metrics.update(extra)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
             experiment = getattr(logger, "experiment", None)
             if setup and hasattr(experiment, "add_image") and hasattr(experiment, "add_text"):
                 experiment.add_image(

@@ -38,11 +38,15 @@ where upstream keeps ``k − 1`` (quirk Q9).
 **Ranks.** Random growth draws from ``layer_generator(seed, layer_index, step)``; top-k ties are broken by flat
 index; after each update the masks are broadcast from rank 0 (and checked with ``verify_masks=True``).
 
-**Logged** at each update (rank 0, through the trainer's loggers): ``sparsity/density_global``, per-layer densities
-with ``log_layer_densities=True``, ``dst/dropped`` and ``dst/grown`` (weights), ``dst/churn`` (share of the active
-weights that were inactive at the previous update), ``dst/itop_rate`` (share of the masked weights ever active,
-the in-time over-parameterisation rate of Liu et al., arXiv:2102.02887), ``dst/drop_fraction`` and, for gradual
-pruning, ``dst/target_density``.
+**Logged** at each update ``g``, at step ``g`` (through ``pl_module.log``, so ``trainer.callback_metrics`` holds
+them for ``ModelCheckpoint``/``EarlyStopping``, and written to every logger at that step whatever
+``log_every_n_steps`` is): ``sparsity/density_global``, per-layer densities with ``log_layer_densities=True``,
+``dst/dropped`` and ``dst/grown`` (weights removed, by the drop and gradual pruning, and switched on),
+``dst/drop_fraction`` (the *realised* share of the active weights replaced: below the scheduled
+``dst/drop_fraction_scheduled`` where a layer has too few free positions, e.g. a dense layer replaces none),
+``dst/itop_rate`` (share of the masked weights ever active, the in-time over-parameterisation rate of Liu et al.,
+arXiv:2102.02887), ``dst/initial_overlap`` (share of the active weights that were active in the initial mask: how far
+the topology has moved from its start) and, for gradual pruning, ``dst/target_density``.
 """
 
 from __future__ import annotations
@@ -54,13 +58,14 @@ from typing import Any, Literal, NamedTuple
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from er_lightning.callbacks.base import SparsityCallback
+from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import broadcast_masks_
-from er_lightning.sparsity.checks import check_choice, check_density, check_int
+from er_lightning.sparsity.checks import check_bool, check_choice, check_density, check_int
 from er_lightning.sparsity.sampling import layer_generator
 from er_lightning.sparsity.schedules import (
     ConstantDrop,
@@ -287,6 +292,12 @@ class DynamicSparsity(SparsityCallback):
         log_layer_densities: bool = False,
         compute: Literal["dense", "sparse", "auto"] = "dense",
     ) -> None:
+        if self.REGROWS and type(self).grow_scores is DynamicSparsity.grow_scores:
+            raise TypeError(
+                f"{type(self).__name__} defines no grow_scores: DynamicSparsity is the base class of SET, RigL, GraNet "
+                "and GMP. Use one of them, or subclass DynamicSparsity and override grow_scores(name, weight, grad, "
+                "step) (larger = grow first)"
+            )
         super().__init__(
             density=density,
             distribution=distribution,
@@ -314,7 +325,7 @@ class DynamicSparsity(SparsityCallback):
         self.drop_schedule: DropSchedule | None = as_drop_schedule(drop_fraction) if self.REGROWS else None
         self.stop_updates_at = _check_stop(stop_updates_at)
         self.prune = check_choice(prune, "prune", _PRUNE_SCORES)
-        self.allow_regrow_dropped = bool(allow_regrow_dropped)
+        self.allow_regrow_dropped = check_bool(allow_regrow_dropped, "allow_regrow_dropped")
         if input_shape is not None and (
             not input_shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)
@@ -336,13 +347,15 @@ class DynamicSparsity(SparsityCallback):
         self._window: tuple[int, int] | None = None
         # run-time state
         self._ever_active: dict[str, Tensor] | None = None
+        self._initial_masks: dict[str, Tensor] | None = None
         self._layer_index: dict[str, int] = {}
         self._last_update_step = -1
-        self._pending_stats: tuple[list[Tensor], dict[str, float]] | None = None
+        self._pending_stats: _PendingStats | None = None
         self._seen_input_shape: list[int] | None = None
         self._warned_no_grad = False
         self._warned_frozen: set[str] = set()
         self._synflow: dict[str, Tensor] | None = None
+        self.step_unit = StepUnitGuard(type(self).__name__, "its update schedule")
         self.last_update: UpdateRecord | None = None
 
     def _configure_gradual(
@@ -399,27 +412,43 @@ class DynamicSparsity(SparsityCallback):
         )
         return cfg
 
+    def _history(self) -> dict[str, dict[str, Tensor]]:
+        """The bool masks kept beside the current ones, by checkpoint key (ITOP and overlap statistics)."""
+        out = {}
+        if self._ever_active is not None:
+            out["ever_active"] = self._ever_active
+        if self._initial_masks is not None:
+            out["initial_masks"] = self._initial_masks
+        return out
+
     @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if state and self._ever_active is not None:
-            state["ever_active"] = {n: m.detach().to("cpu", copy=True) for n, m in self._ever_active.items()}
+        if state:
+            for key, masks in self._history().items():
+                state[key] = {n: m.detach().to("cpu", copy=True) for n, m in masks.items()}
         return state
 
     @override
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        ever = state_dict.get("ever_active")
-        if ever is None or self._ever_active is None:
-            return
-        if list(ever) != list(self._ever_active):
-            raise ValueError(
-                f"checkpoint ever_active masks are for {list(ever)}, not {list(self._ever_active)}"
-            )
-        for name, mask in ever.items():
-            target = self._ever_active[name]
-            if tuple(mask.shape) != tuple(target.shape):
-                raise ValueError(f"checkpoint ever_active mask {name!r} has shape {tuple(mask.shape)}")
-            target.copy_(mask.to(device=target.device, dtype=torch.bool))
+        for key, targets in self._history().items():
+            saved = state_dict.get(key)
+            if saved is None:
+                if key == "initial_masks":  # written before the overlap statistic existed
+                    rank_zero_warn(
+                        f"{type(self).__name__}: the checkpoint has no initial masks; dst/initial_overlap is measured "
+                        "against the masks restored now"
+                    )
+                    for name, target in targets.items():
+                        target.copy_(self.masked.masks[name] if self.masked is not None else target)
+                continue
+            if list(saved) != list(targets):
+                raise ValueError(f"checkpoint {key} masks are for {list(saved)}, not {list(targets)}")
+            for name, mask in saved.items():
+                target = targets[name]
+                if tuple(mask.shape) != tuple(target.shape):
+                    raise ValueError(f"checkpoint {key} mask {name!r} has shape {tuple(mask.shape)}")
+                target.copy_(mask.to(device=target.device, dtype=torch.bool))
 
     # ------------------------------------------------------------------ lifecycle
     @override
@@ -429,17 +458,20 @@ class DynamicSparsity(SparsityCallback):
         assert self.masked is not None
         if self.masked is not previous or self._ever_active is None:
             self._ever_active = {n: m.clone() for n, m in self.masked.masks.items()}
+            self._initial_masks = {n: m.clone() for n, m in self.masked.masks.items()}
             self._layer_index = {n: i for i, n in enumerate(self.masked.names)}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        assert self.masked is not None and self._ever_active is not None
-        for name, mask in self.masked.masks.items():
-            if self._ever_active[name].device != mask.device:
-                self._ever_active[name] = self._ever_active[name].to(mask.device)
+        assert self.masked is not None
+        for masks in self._history().values():
+            for name, mask in self.masked.masks.items():
+                masks[name] = masks[name].to(mask.device)
         self._last_update_step = -1
         self._total_steps = None
+        assert self.step_unit is not None
+        self.step_unit.fit_start(trainer, pl_module)
         self._warn_frozen(self._frozen())
 
     def _frozen(self) -> list[str]:
@@ -511,7 +543,7 @@ class DynamicSparsity(SparsityCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._pending_stats is not None:
             pending, self._pending_stats = self._pending_stats, None
-            self._log_update(trainer, *pending)
+            self._log_update(trainer, pl_module, pending)
 
     #: Whether growth ranks inactive weights by their gradient (RigL, GraNet); then update steps need the dense
     #: weight gradient and compute dense under ``compute="sparse"``/``"auto"`` (the RigL paper's accounting).
@@ -648,24 +680,25 @@ class DynamicSparsity(SparsityCallback):
         masked.apply_()
         masked.zero_optimizer_state_(trainer.optimizers, extra=grown)
 
-        stats = [
-            torch.stack(
-                [
-                    torch.count_nonzero(dropped[n]),
-                    torch.count_nonzero(grown[n]),
-                    torch.count_nonzero(masked.masks[n] & ~before[n]),
-                    torch.count_nonzero(masked.masks[n]),
-                    torch.count_nonzero(self._ever_active[n]),
-                ]
-            )
-            for n in masked.names
-        ]
-        extra: dict[str, float] = {}
-        if fraction is not None:
-            extra["dst/drop_fraction"] = fraction
-        if target is not None:
-            extra["dst/target_density"] = target
-        self._pending_stats = (stats, extra)
+        assert self._initial_masks is not None
+        # per layer: dropped, grown, active, ever active, active and in the initial mask (summed when logged)
+        stats = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.count_nonzero(dropped[n]),
+                        torch.count_nonzero(grown[n]),
+                        torch.count_nonzero(masked.masks[n]),
+                        torch.count_nonzero(self._ever_active[n]),
+                        torch.count_nonzero(
+                            masked.masks[n] & self._initial_masks[n].to(masked.masks[n].device)
+                        ),
+                    ]
+                )
+                for n in masked.names
+            ]
+        ).cpu()
+        self._pending_stats = _PendingStats(step, stats, fraction, target)
         self.last_update = UpdateRecord(step, dropped, grown, fraction, target)
 
     def _gradual_masks(self, target: float, step: int) -> dict[str, Tensor]:
@@ -686,20 +719,46 @@ class DynamicSparsity(SparsityCallback):
         return out
 
     # ------------------------------------------------------------------ logging
-    @rank_zero_only
-    def _log_update(self, trainer: pl.Trainer, stats: list[Tensor], extra: dict[str, float]) -> None:
-        if not trainer.loggers or self.masked is None:
-            return
-        dropped, grown, new_active, active, ever = torch.stack([s.cpu() for s in stats]).sum(0).tolist()
+    def update_metrics(self, pending: _PendingStats) -> dict[str, float]:
+        """The scalars of one update (see the module docstring), from its per-layer counts."""
+        assert self.masked is not None
+        dropped, grown, active, ever, initial = (int(v) for v in pending.counts.sum(0).tolist())
         total = sum(m.numel() for m in self.masked.masks.values())
         metrics = {
+            "sparsity/density_global": active / total,
             "dst/dropped": float(dropped),
             "dst/grown": float(grown),
-            "dst/churn": new_active / active if active else 0.0,
             "dst/itop_rate": ever / total,
-            **extra,
+            "dst/initial_overlap": initial / active if active else 0.0,
         }
-        self.log_densities(trainer, extra=metrics)
+        if pending.drop_fraction is not None:
+            # every grown weight replaces one the drop removed, and the drop leaves the count as it was
+            metrics["dst/drop_fraction"] = grown / active if active else 0.0
+            metrics["dst/drop_fraction_scheduled"] = pending.drop_fraction
+        if pending.target_density is not None:
+            metrics["dst/target_density"] = pending.target_density
+        return metrics
+
+    def _log_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: _PendingStats) -> None:
+        """Log one update's scalars at its step ``g``, on every rank (the masks agree, so the values do).
+
+        ``pl_module.log`` puts them in ``trainer.callback_metrics``, so ``ModelCheckpoint``/``EarlyStopping`` can
+        monitor them; the loggers get them from :meth:`log_densities` at step ``g`` for every update (Lightning
+        would write a value logged here only on its ``log_every_n_steps`` batches, which need not hold updates).
+        """
+        metrics = self.update_metrics(pending)
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
+        self.log_densities(trainer, extra=metrics, step=pending.step)
+
+
+class _PendingStats(NamedTuple):
+    """Counts of an update, kept from ``on_before_optimizer_step`` to ``on_train_batch_end`` (when logging is allowed)."""
+
+    step: int
+    counts: Tensor  # (layers, 5) int64 on the CPU: dropped, grown, active, ever active, active ∩ initial
+    drop_fraction: float | None
+    target_density: float | None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from er_lightning.callbacks.base import SparsityCallback
 from er_lightning.masking.io import save_masks
+from er_lightning.sparsity.checks import check_bool
 from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
 
 __all__ = ["IterativeMagnitudePruning"]
@@ -41,7 +42,9 @@ class IterativeMagnitudePruning(SparsityCallback):
        ``rewind_buffers``, is restored bit for bit from the snapshot taken after ``rewind_step`` optimizer steps
        (0 = right after ``setup``, i.e. the masked initial weights), then the new mask zeroes the pruned weights;
     3. clears the optimizer state (``reset_optimizer``: ``optimizer.state.clear()``, so momentum and Adam moments
-       restart), or else zeroes it at the pruned positions;
+       restart), or restores the state it had at the rewind point (``rewind_optimizer``: momentum and moments of
+       step ``rewind_step``, as upstream STR reloads the initial optimizer state with its weights), or else keeps
+       it; in every case it is then zeroed at the pruned positions;
     4. restarts the learning-rate schedule for the next segment (``reset_lr_schedule``) by calling
        ``pl_module.reset_lr_schedule(schedule_steps)`` when the module has it (``SparseLightningModule`` does):
        ``epochs_per_level`` epochs for a level, the remaining epochs up to ``max_epochs`` after the last prune.
@@ -55,7 +58,8 @@ class IterativeMagnitudePruning(SparsityCallback):
     Level densities: ``densities`` if given, else ``density · prune_factor**i`` for ``i = 1..levels``. After the
     last prune, training simply continues with the final mask until ``max_epochs``, so a run needs
     ``max_epochs = levels · epochs_per_level + final epochs`` (a warning tells when fewer epochs cannot reach
-    every level). Level, start counts and the rewind snapshot (CPU copies: a checkpoint then holds the model
+    every level, and another when no epoch follows the last prune: the run would end on the rewound, untrained
+    network). Level, start counts and the rewind snapshot (CPU copies: a checkpoint then holds the model
     twice) are part of the callback's checkpoint state, so a run resumed mid-level continues exactly. Checkpoints
     written at epoch ends (``ModelCheckpoint``'s default when validation runs once per epoch) hold the pruned and
     rewound state; a checkpoint written at validation end of a level's last epoch (``save_on_train_epoch_end=False``)
@@ -75,7 +79,11 @@ class IterativeMagnitudePruning(SparsityCallback):
         rewind_buffers: also rewind buffers (BN running statistics). Upstream ``--reset-weights`` restores only
             ``.weight``/``.bias`` entries (``rewind_buffers=False``); restoring them too gives the exact state of
             the rewind point.
-        reset_optimizer: clear the optimizer state at each prune.
+        reset_optimizer: clear the optimizer state at each prune (``False`` keeps it, zeroed where pruned).
+        rewind_optimizer: restore the optimizer state (not its hyper-parameters such as the LR) of the rewind point
+            at each prune, instead of clearing it; needs ``rewind_step`` (at ``rewind_step=0`` the state there is
+            empty, so this equals clearing) and ``reset_optimizer=True``. The snapshot (CPU copies, as large as
+            the optimizer state) is kept in the checkpoint.
         reset_lr_schedule: restart the LR schedule for each segment (see above).
         save_dir: folder for ``level_{i}.pt``; default ``<trainer.log_dir>/imp_masks`` of the run that started
             (``default_root_dir`` without a logger), kept on resume.
@@ -108,6 +116,7 @@ class IterativeMagnitudePruning(SparsityCallback):
         rewind_step: int | None = 0,
         rewind_buffers: bool = True,
         reset_optimizer: bool = True,
+        rewind_optimizer: bool = False,
         reset_lr_schedule: bool = True,
         save_dir: str | None = None,
         density: float = 1.0,
@@ -189,15 +198,24 @@ class IterativeMagnitudePruning(SparsityCallback):
                 f"rewind_step must be an int >= 0 (optimizer steps; 0 = initial weights) or None, got {rewind_step!r}"
             )
         self.rewind_step = rewind_step
-        self.rewind_buffers = bool(rewind_buffers)
-        self.reset_optimizer = bool(reset_optimizer)
-        self.reset_lr_schedule = bool(reset_lr_schedule)
+        self.rewind_buffers = check_bool(rewind_buffers, "rewind_buffers")
+        self.reset_optimizer = check_bool(reset_optimizer, "reset_optimizer")
+        self.rewind_optimizer = check_bool(rewind_optimizer, "rewind_optimizer")
+        self.reset_lr_schedule = check_bool(reset_lr_schedule, "reset_lr_schedule")
+        if self.rewind_optimizer and (rewind_step is None or not self.reset_optimizer):
+            raise ValueError(
+                "rewind_optimizer=True restores the optimizer state of the rewind point, so it needs rewind_step (an "
+                f"int, got {rewind_step!r}) and reset_optimizer=True (got {reset_optimizer!r}; False keeps the state "
+                "instead)"
+            )
         self.save_dir = os.fspath(save_dir) if save_dir is not None else None
 
         #: Number of prunes done so far (0 while training the starting mask).
         self.level = 0
         self.start_counts: dict[str, int] = {}
         self._rewind: dict[str, dict[str, Tensor]] | None = None
+        #: ``optimizer.state_dict()["state"]`` of every optimizer at the rewind point (``rewind_optimizer``).
+        self._rewind_optimizer_state: list[dict[int, dict[str, Any]]] | None = None
         self._mask_dir: str | None = None
 
     @override
@@ -211,6 +229,7 @@ class IterativeMagnitudePruning(SparsityCallback):
                 "rewind_step": self.rewind_step,
                 "rewind_buffers": self.rewind_buffers,
                 "reset_optimizer": self.reset_optimizer,
+                "rewind_optimizer": self.rewind_optimizer,
                 "reset_lr_schedule": self.reset_lr_schedule,
             }
         )
@@ -240,6 +259,8 @@ class IterativeMagnitudePruning(SparsityCallback):
                 f"{type(self).__name__}: max_epochs={max_epochs} reaches only {max_epochs // self.epochs_per_level} "
                 f"of {self.levels} levels ({needed} epochs needed, plus the final training)"
             )
+        elif max_epochs == needed and self.rewind_step is not None:
+            rank_zero_warn(self._untrained_end_message(max_epochs))
         resettable = callable(getattr(pl_module, "reset_lr_schedule", None))
         if self.reset_lr_schedule and not resettable and trainer.lr_scheduler_configs:
             rank_zero_warn(
@@ -247,7 +268,7 @@ class IterativeMagnitudePruning(SparsityCallback):
                 "schedule runs on across IMP levels; restart it yourself or use SparseLightningModule"
             )
         if self.rewind_step == 0 and self._rewind is None:
-            self._rewind = self._snapshot(pl_module)
+            self._take_snapshot(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -270,7 +291,7 @@ class IterativeMagnitudePruning(SparsityCallback):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.rewind_step and self._rewind is None and trainer.global_step >= self.rewind_step:
-            self._rewind = self._snapshot(pl_module)
+            self._take_snapshot(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -300,16 +321,21 @@ class IterativeMagnitudePruning(SparsityCallback):
             assert self._rewind is not None
             self._restore(pl_module, self._rewind)
         self.masked.apply_()
-        if self.reset_optimizer:
+        if self.rewind_optimizer:
+            self._restore_optimizers(trainer)
+        elif self.reset_optimizer:
             for optimizer in trainer.optimizers:
                 optimizer.state.clear()
-        else:
-            self.masked.zero_optimizer_state_(trainer.optimizers)
+        self.masked.zero_optimizer_state_(trainer.optimizers)
         self.level += 1
         self.target_densities = self.masked.densities()
         self._restart_lr(trainer, pl_module, epochs_done)
         self._save_level()
         self.log_densities(trainer, extra={"imp/level": float(self.level)})
+        max_epochs = trainer.max_epochs
+        last = self.level == self.levels and self.rewind_step is not None
+        if last and max_epochs is not None and 0 <= max_epochs <= epochs_done:
+            rank_zero_warn(self._untrained_end_message(max_epochs))
         rank_zero_info(
             f"{type(self).__name__}: level {self.level}/{self.levels} after {epochs_done} epochs: density "
             f"{self.masked.global_density():.6f} (target {target:.6f})"
@@ -331,6 +357,37 @@ class IterativeMagnitudePruning(SparsityCallback):
             n: topk_mask(scores[n], min(round(ratio * self.start_counts[n]), kept_now[n]), current[n])
             for n in self.masked.names
         }
+
+    def _untrained_end_message(self, max_epochs: int) -> str:
+        return (
+            f"{type(self).__name__}: training ends with the last prune (max_epochs={max_epochs} = levels "
+            f"{self.levels} x epochs_per_level {self.epochs_per_level}), so the model it leaves is the network "
+            f"rewound to step {self.rewind_step} under the final mask, never trained at that density. Add final "
+            "epochs (max_epochs > levels x epochs_per_level) to train it, or use rewind_step=None; the level masks "
+            "in the mask folder are complete either way"
+        )
+
+    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The rewind point: parameters and buffers, and with ``rewind_optimizer`` the optimizer state (CPU)."""
+        self._rewind = self._snapshot(pl_module)
+        if self.rewind_optimizer:
+            self._rewind_optimizer_state = [
+                _to_cpu(optimizer.state_dict()["state"]) for optimizer in trainer.optimizers
+            ]
+
+    def _restore_optimizers(self, trainer: pl.Trainer) -> None:
+        """Load the optimizer state of the rewind point, keeping the current hyper-parameters (LR, ...)."""
+        saved = self._rewind_optimizer_state
+        if saved is None or len(saved) != len(trainer.optimizers):
+            raise RuntimeError(
+                f"{type(self).__name__}: rewind_optimizer=True but the rewind point holds the state of "
+                f"{0 if saved is None else len(saved)} optimizers, this run has {len(trainer.optimizers)}"
+            )
+        for optimizer, state in zip(trainer.optimizers, saved):
+            current = optimizer.state_dict()
+            # copies: load_state_dict keeps CPU tensors of CPU parameters as they are, and the steps would edit them
+            current["state"] = _to_cpu(state)
+            optimizer.load_state_dict(current)
 
     def _snapshot(self, pl_module: pl.LightningModule) -> dict[str, dict[str, Tensor]]:
         params = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()}
@@ -392,6 +449,7 @@ class IterativeMagnitudePruning(SparsityCallback):
                 "start_counts": dict(self.start_counts),
                 "rewind": self._rewind,
                 "mask_dir": self._mask_dir,
+                "rewind_optimizer": self._rewind_optimizer_state,
             }
         return state
 
@@ -410,6 +468,23 @@ class IterativeMagnitudePruning(SparsityCallback):
             if rewind is None
             else {"params": dict(rewind["params"]), "buffers": dict(rewind.get("buffers", {}))}
         )
+        self._rewind_optimizer_state = imp.get("rewind_optimizer")
+        if self.rewind_optimizer and self._rewind is not None and self._rewind_optimizer_state is None:
+            raise RuntimeError(
+                f"{type(self).__name__}(rewind_optimizer=True): the checkpoint has the rewind point's weights but not "
+                "its optimizer state"
+            )
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of a (nested) optimizer state with every tensor cloned to the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _positive_int(value: object, what: str) -> int:

@@ -41,7 +41,8 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback
+from er_lightning.callbacks.base import INIT_METHODS, SparsityCallback
+from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import is_distributed, verify_masks_agree
 from er_lightning.masking.io import save_masks
 from er_lightning.masking.soft_threshold import (
@@ -58,6 +59,7 @@ from er_lightning.masking.soft_threshold import (
     shift_for_count,
 )
 from er_lightning.masking.targets import original_named_parameters
+from er_lightning.sparsity.checks import check_bool
 from er_lightning.sparsity.sampling import layer_generator, sample_masks
 
 __all__ = ["STR_DISTRIBUTION_ALIASES", "SoftThreshold", "TargetSchedule", "scheduled_density"]
@@ -240,6 +242,8 @@ class SoftThreshold(SparsityCallback):
         log_layer_densities: bool = False,
     ) -> None:
         distribution = STR_DISTRIBUTION_ALIASES.get(distribution, distribution)
+        if init not in (*INIT_METHODS, "kaiming_normal"):  # before the base class, which knows fewer
+            raise ValueError(f"unknown init {init!r}; valid: {[*INIT_METHODS, 'kaiming_normal']}")
         if density is None and distribution != "str_induced":
             raise ValueError(
                 f"density=None is only allowed with distribution='str_induced' (use the file's densities as they "
@@ -270,8 +274,7 @@ class SoftThreshold(SparsityCallback):
         self.density: float | None = None if density is None else self.density  # type: ignore[assignment]
         if not _finite(s_init):
             raise ValueError(f"s_init must be a finite number, got {s_init!r}; STR's configs use -200")
-        if not isinstance(per_channel, bool):
-            raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+        check_bool(per_channel, "per_channel")
         self.sparse_function: SparseFunction = check_sparse_function(sparse_function)
         if self.distribution == "str_induced":
             if not densities_file:
@@ -301,14 +304,12 @@ class SoftThreshold(SparsityCallback):
                 "target_start and target_end are fractions of the training steps with 0 <= target_start < "
                 f"target_end <= 1, got target_start={target_start!r}, target_end={target_end!r}"
             )
-        if init not in ("default", "he_sparse", "looks_linear", "kaiming_normal"):
-            raise ValueError(
-                f"unknown init {init!r}; valid: default, he_sparse, looks_linear, kaiming_normal"
-            )
         self.s_init = float(s_init)
         self.per_channel = per_channel
         self.densities_file = densities_file
         self.target_density = None if target_density is None else float(target_density)
+        if self.target_density is not None:
+            self.step_unit = StepUnitGuard("SoftThreshold", "target_density's schedule")
         self.target_schedule: TargetSchedule = target_schedule
         self.target_start = float(target_start)
         self.target_end = float(target_end)
@@ -442,6 +443,8 @@ class SoftThreshold(SparsityCallback):
                 "target_density needs a finite run length to follow its schedule; set trainer.max_epochs or "
                 "trainer.max_steps"
             )
+        if self.step_unit is not None:
+            self.step_unit.fit_start(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -564,14 +567,18 @@ class SoftThreshold(SparsityCallback):
     @override
     @rank_zero_only
     def log_densities(
-        self, trainer: pl.Trainer, setup: bool = False, extra: Mapping[str, float] | None = None
+        self,
+        trainer: pl.Trainer,
+        setup: bool = False,
+        extra: Mapping[str, float] | None = None,
+        step: int | None = None,
     ) -> None:
         if self.masked is None or not trainer.loggers:
             return
         metrics = self.str_metrics()
         if extra:
             metrics.update(extra)
-        super().log_densities(trainer, setup=setup, extra=metrics)
+        super().log_densities(trainer, setup=setup, extra=metrics, step=step)
 
     # ------------------------------------------------------------------ checkpoint state
     @override

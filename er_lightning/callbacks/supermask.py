@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from er_lightning.callbacks.base import SparsityCallback, _stream_seed
+from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import verify_masks_agree
 from er_lightning.masking.supermask import (
     SCORE_INITS,
@@ -29,7 +30,7 @@ from er_lightning.masking.supermask import (
 )
 from er_lightning.masking.targets import original_fqn, original_named_parameters
 from er_lightning.sparsity.anneal import annealed_densities, level_at_step
-from er_lightning.sparsity.checks import check_density
+from er_lightning.sparsity.checks import check_bool, check_density
 from er_lightning.sparsity.init import fan_in
 from er_lightning.sparsity.sampling import layer_generator
 
@@ -208,8 +209,7 @@ class Supermask(SparsityCallback):
             ("score_biases", score_biases),
             ("freeze_other_parameters", freeze_other_parameters),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {type(value).__name__} {value!r}")
+            check_bool(value, flag)
         # Checks density <= er_density, start, levels (and raises with the allowed ranges).
         self.schedule: list[float] = annealed_densities(k_final, er, levels, start=start, anneal=anneal)
         self.er_density = er
@@ -237,6 +237,10 @@ class Supermask(SparsityCallback):
         self._total_steps: int | None = None
         self._previous: dict[str, Tensor] | None = None
         self._warned_lr = False
+        if levels > 1:
+            self.step_unit = StepUnitGuard(
+                "Supermask", f"levels={levels}: k anneals over equal chunks of the run"
+            )
 
     # ------------------------------------------------------------------ config
     @override
@@ -427,6 +431,12 @@ class Supermask(SparsityCallback):
         self._check_optimizers(trainer)
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
+        if self.step_unit is not None:
+            self.step_unit.fit_start(trainer, pl_module)
+        if self.selector is not None:
+            # fused optimizer steps leave the scores' version counters alone: recompute B after every step
+            self._remove_step_hooks()
+            self._step_hooks.extend(self.selector.invalidate_after_steps(opt) for opt in trainer.optimizers)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -500,6 +510,7 @@ class Supermask(SparsityCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._enter_level_if_due(trainer, pl_module)
 
     @override
@@ -510,7 +521,11 @@ class Supermask(SparsityCallback):
     @override
     @rank_zero_only
     def log_densities(
-        self, trainer: pl.Trainer, setup: bool = False, extra: Mapping[str, float] | None = None
+        self,
+        trainer: pl.Trainer,
+        setup: bool = False,
+        extra: Mapping[str, float] | None = None,
+        step: int | None = None,
     ) -> None:
         """Log ``slt/k``, ``slt/level``, ``slt/flipped``, the kept fraction of B (global, optionally per layer)."""
         if self.masked is None or not trainer.loggers:
@@ -532,7 +547,7 @@ class Supermask(SparsityCallback):
         self._previous = current
         if extra:
             metrics.update(extra)
-        super().log_densities(trainer, setup=setup, extra=metrics)
+        super().log_densities(trainer, setup=setup, extra=metrics, step=step)
 
     # ------------------------------------------------------------------ checkpoint state
     @override

@@ -193,8 +193,10 @@ class GlobalTopK:
     The threshold and each member's share of tied entries (ties go to earlier members first, then lower flat
     index, as :func:`er_lightning.sparsity.topk.global_topk_masks` orders them) are computed once and reused by
     every member until a score or support tensor changes. Changes are detected through the tensors' version
-    counters (bumped by optimizer steps, ``load_state_dict`` and any in-place op) and storage pointers; writes
-    through ``.data`` bypass version counters, so call :meth:`invalidate` after such an edit.
+    counters (bumped by ``load_state_dict``, for-loop and foreach optimizer steps and any in-place op on the
+    tensor) and storage pointers. Fused optimizer steps (``SGD/Adam/AdamW(fused=True)``) and writes through
+    ``.data`` do not bump version counters: hook each optimizer with :meth:`invalidate_after_steps` (the
+    ``Supermask`` callback does) and call :meth:`invalidate` after such an edit.
 
     Example:
         >>> sel = GlobalTopK()
@@ -220,6 +222,14 @@ class GlobalTopK:
     def invalidate(self) -> None:
         """Forget the cached threshold (recomputed on the next use)."""
         self._key = None
+
+    def invalidate_after_steps(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Forget the threshold after every ``optimizer.step()`` (fused, foreach or for-loop alike).
+
+        Returns:
+            The hook handle; ``handle.remove()`` unhooks it.
+        """
+        return optimizer.register_step_post_hook(lambda *_: self.invalidate())
 
     def numel(self) -> int:
         """Total entries of all members."""

@@ -10,7 +10,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
-__all__ = ["check_choice", "check_density", "check_int", "check_patterns"]
+__all__ = ["check_bool", "check_choice", "check_density", "check_int", "check_patterns"]
 
 
 def check_density(value: object, what: str = "density") -> float:
@@ -32,6 +32,13 @@ def check_int(value: object, what: str, minimum: int | None = 1) -> int:
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(value: object, what: str) -> bool:
+    """``True`` or ``False``; strings such as ``"False"`` and numbers are refused (``bool("False")`` is ``True``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -260,3 +260,71 @@ def test_momentum_growth_follows_the_dense_gradient_momentum_not_the_gradient(tm
     assert on(cb.last_update.grown[A]) == [17]
     # RigL's gradient growth sees only this step's gradient: 9
     assert on(run("gradient", tmp_path / "g").last_update.grown[A]) == [9]
+
+
+G2_A = flat_values(SA, {1: 4.0, 7: 3.0, 16: 2.0}, 0.01)
+G2_B = flat_values(SB, {4: 1.0, 6: 0.9}, 0.01)
+
+
+class MetricsProbe(pl.Callback):
+    """Placed after the DST callback: reads trainer.callback_metrics at the end of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+        self.seen[batch_idx] = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dst/")
+        }
+
+
+def test_update_scalars_equal_hand_counts_on_a_known_mask_sequence(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    # updates at steps 2 (gradients G) and 4 (G2); ⌈0.375·8⌉ = 3 replaced in a, ⌈0.375·4⌉ = 2 in b
+    cb = rigl(drop_fraction=ConstantDrop(0.375))
+    probe = MetricsProbe()
+    module = HandModule({A: W_A, B: W_B})
+    grads_a, grads_b = [G_A, G_A, G_A, G2_A, G2_A], [G_B, G_B, G_B, G2_B, G2_B]
+    logger = CSVLogger(str(tmp_path), name="csv")
+    trainer = make_trainer(tmp_path, [cb, probe], max_steps=5, logger=logger)  # log_every_n_steps stays 50
+    trainer.fit(module, DataLoader(TensorDataset(torch.stack(grads_a), torch.stack(grads_b)), batch_size=1))
+    # the hand-worked sequence:
+    # update 1: a drops 19, 8, 3 (|W| 0.02, 0.05, 0.1), grows 21, 13, 2; b drops 6, 9, grows 7, 1
+    # update 2: a drops its three zeros 2, 13, 21 (regrown at 0, lr = 0), grows 1, 7, 16; b drops 1, 7, grows 4, 6
+    assert on(cb.masked.masks[A]) == [0, 1, 5, 7, 10, 14, 16, 23]
+    assert on(cb.masked.masks[B]) == [0, 2, 4, 6]
+    # overlap with the initial mask {0,3,5,8,10,14,19,23} ∪ {0,2,6,9}: 5 + 2 of 12, then 5 + 3 of 12;
+    # ever active: 8 + 3 and 4 + 2 = 17, then 11 + 3 and 6 + 1 = 21, of 34 weights; 5 of 12 replaced each time
+    expected = {
+        2: {"dst/initial_overlap": 7 / 12, "dst/itop_rate": 17 / 34, "dst/dropped": 5.0, "dst/grown": 5.0},
+        4: {"dst/initial_overlap": 8 / 12, "dst/itop_rate": 21 / 34, "dst/dropped": 5.0, "dst/grown": 5.0},
+    }
+    for step, values in expected.items():
+        values.update({"dst/drop_fraction": 5 / 12, "dst/drop_fraction_scheduled": 0.375})
+        # callback_metrics hold the update's values at the end of its batch (what ModelCheckpoint/EarlyStopping read)
+        assert probe.seen[step] == pytest.approx(values), step
+    assert probe.seen[3] == pytest.approx(probe.seen[2])  # until the next update
+    # every logger gets both updates at their steps, although no step of this run is a log_every_n_steps step
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("dst/itop_rate")]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for row, step in zip(rows, (2, 4)):
+        for key, value in expected[step].items():
+            assert float(row[key]) == pytest.approx(value), (step, key)
+        assert float(row["sparsity/density_global"]) == pytest.approx(12 / 34)
+
+
+def test_realised_drop_fraction_counts_what_a_dense_layer_cannot_replace(tmp_path):
+    # b is dense: no free position, so it replaces nothing; a replaces ⌈0.5·8⌉ = 4 of its 8
+    cls = hand_masks(RigL, {A: MASK_A, B: torch.ones(SB, dtype=torch.bool)})
+    cb = cls(density=0.3, update_every_steps=2, drop_fraction=ConstantDrop(0.5), stop_updates_at=1.0)
+    probe = MetricsProbe()
+    module = HandModule({A: W_A, B: torch.ones(SB)})
+    data = TensorDataset(torch.stack([G_A] * 3), torch.stack([G_B] * 3))
+    make_trainer(tmp_path, [cb, probe], max_steps=3).fit(module, DataLoader(data, batch_size=1))
+    assert probe.seen[2]["dst/drop_fraction_scheduled"] == 0.5
+    assert probe.seen[2]["dst/drop_fraction"] == pytest.approx(4 / 18)
+    assert probe.seen[2]["dst/grown"] == 4.0

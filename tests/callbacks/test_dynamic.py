@@ -437,7 +437,8 @@ def test_tensorboard_gets_dst_scalars(tmp_path):
         log_layer_densities=True,
     )
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = make_trainer(tmp_path, [cb], max_steps=8, logger=logger, log_every_n_steps=1)
+    # Lightning's default log_every_n_steps=50 writes no step of this run: the updates are written all the same
+    trainer = make_trainer(tmp_path, [cb], max_steps=8, logger=logger)
     trainer.fit(PlainModule(), random_loader())
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
@@ -446,18 +447,20 @@ def test_tensorboard_gets_dst_scalars(tmp_path):
         "sparsity/density_global",
         "dst/dropped",
         "dst/grown",
-        "dst/churn",
+        "dst/initial_overlap",
         "dst/itop_rate",
         "dst/drop_fraction",
+        "dst/drop_fraction_scheduled",
         "sparsity/density/net.conv2.weight",
     } <= tags
-    churn = [e.value for e in acc.Scalars("dst/churn")]
+    overlap = [e.value for e in acc.Scalars("dst/initial_overlap")]
+    assert [e.step for e in acc.Scalars("dst/itop_rate")] == [2, 4, 6]  # at the step of each update
     itop = [e.value for e in acc.Scalars("dst/itop_rate")]
     dropped = [e.value for e in acc.Scalars("dst/dropped")]
     grown = [e.value for e in acc.Scalars("dst/grown")]
-    fraction = [e.value for e in acc.Scalars("dst/drop_fraction")]
-    assert len(churn) == len(itop) == 3  # updates at steps 2, 4, 6
-    assert all(0 < c <= 1 for c in churn)
+    fraction = [e.value for e in acc.Scalars("dst/drop_fraction_scheduled")]
+    assert len(overlap) == len(itop) == 3  # updates at steps 2, 4, 6
+    assert all(0 < c < 1 for c in overlap)
     assert all(i >= 0.3 - 1e-3 for i in itop)
     assert itop == sorted(itop) and itop[-1] > itop[0]
     assert dropped == grown and all(d > 0 for d in dropped)
@@ -499,6 +502,15 @@ def test_bad_arguments_raise():
         GraNet(init_density=0.0)
     with pytest.raises(ValueError, match="input_shape"):
         GMP(prune="synflow", input_shape=[3, 0, 8])
+    with pytest.raises(TypeError, match="DynamicSparsity defines no grow_scores.*SET, RigL, GraNet"):
+        DynamicSparsity()
+    with pytest.raises(TypeError, match="allow_regrow_dropped must be True or False"):
+        GraNet(allow_regrow_dropped="False")  # type: ignore[arg-type]
+    for bad in (1.0, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match=r"growth_momentum .* \[0, 1\)"):
+            RigL(growth="momentum", growth_momentum=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"floor \(0.5\) must be <= CosineDrop.initial"):
+        RigL(drop_fraction=CosineDrop(0.1, floor=0.5))
 
 
 def test_no_update_before_first_period_and_masks_static_without_updates(tmp_path):

@@ -159,6 +159,15 @@ def test_late_rewinding_and_no_rewinding(tmp_path):
         if name in cb.masked.masks:
             expected = expected * cb.masked.masks[name]
         assert torch.equal(p.detach(), expected), name
+    # BN running statistics rewind to step 3 as well (rewind_buffers=True): not the init's, not the trained ones
+    buffers = dict(module.named_buffers())
+    assert {n for n in buffers if n.endswith(("running_mean", "running_var", "num_batches_tracked"))} == {
+        f"net.bn{i}.{k}" for i in (1, 2) for k in ("running_mean", "running_var", "num_batches_tracked")
+    }
+    for name, b in buffers.items():
+        assert torch.equal(b, probe.step_state[name]), name
+        assert not torch.equal(b, probe.fit_start[name]), name
+    assert int(buffers["net.bn1.num_batches_tracked"]) == 3
 
     # rewind_step=None keeps the trained weights (masked), and reset_optimizer=False zeroes state only where pruned
     torch.manual_seed(0)
@@ -223,10 +232,14 @@ def test_level_masks_load_into_static_sparsity(tmp_path):
         _fit(tmp_path / placement, static, max_epochs=1)  # type: ignore[arg-type]
         for name in NAMES:
             assert int(static.masked.masks[name].sum()) == int(cb.masked.masks[name].sum()), name
-            same = torch.equal(static.masked.masks[name], cb.masked.masks[name])
-            assert same == (placement == "scores") or placement == "random"
-        if placement == "random":  # ER_imp: the IMP ratios at random positions
-            assert not all(torch.equal(static.masked.masks[n], cb.masked.masks[n]) for n in NAMES)
+        same = [torch.equal(static.masked.masks[n], cb.masked.masks[n]) for n in NAMES]
+        if placement == "scores":  # the IMP positions themselves
+            assert all(same)
+        else:  # ER_imp: the IMP ratios at random positions: no partly pruned layer keeps IMP's positions
+            partial = [n for n in NAMES if 0 < int(cb.masked.masks[n].sum()) < cb.masked.masks[n].numel()]
+            assert partial and not any(
+                torch.equal(static.masked.masks[n], cb.masked.masks[n]) for n in partial
+            )
 
 
 @pytest.mark.parametrize("lightning_module", ["plain", "sparse"])
@@ -353,6 +366,82 @@ def test_bad_arguments():
         IterativeMagnitudePruning(epochs_per_level=1, levels=1, scope="per_layer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="density must be"):
         IterativeMagnitudePruning(epochs_per_level=1, levels=1, density=0.0)
+    for flag in (
+        "rewind_buffers",
+        "reset_optimizer",
+        "rewind_optimizer",
+        "reset_lr_schedule",
+        "dense_first_layer",
+    ):
+        for bad in ("False", 0, None):
+            with pytest.raises(TypeError, match=f"{flag} must be True or False, got"):
+                IterativeMagnitudePruning(epochs_per_level=1, levels=1, **{flag: bad})
+    with pytest.raises(ValueError, match="rewind_optimizer=True .* needs rewind_step"):
+        IterativeMagnitudePruning(epochs_per_level=1, levels=1, rewind_step=None, rewind_optimizer=True)
+    with pytest.raises(ValueError, match="reset_optimizer=True"):
+        IterativeMagnitudePruning(epochs_per_level=1, levels=1, reset_optimizer=False, rewind_optimizer=True)
+
+
+def test_run_ending_on_the_last_prune_warns_that_the_network_is_untrained(tmp_path):
+    torch.manual_seed(0)
+    cb = IterativeMagnitudePruning(epochs_per_level=1, levels=2, save_dir=str(tmp_path / "m"))
+    with pytest.warns(
+        UserWarning, match=r"max_epochs=2 = levels 2 x epochs_per_level 1.*never trained"
+    ) as record:
+        module, _ = _fit(tmp_path, cb, max_epochs=2)
+    assert len([w for w in record if "never trained" in str(w.message)]) == 2  # at fit start and at the prune
+    # and so it is: the weights are the initial ones under the last mask
+    init = dict(cb._rewind["params"])
+    for name, p in module.named_parameters():
+        expected = init[name] * cb.masked.masks[name] if name in cb.masked.masks else init[name]
+        assert torch.equal(p.detach(), expected), name
+    # one final epoch more: no such warning
+    torch.manual_seed(0)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "more", IterativeMagnitudePruning(epochs_per_level=1, levels=2), max_epochs=3)
+    assert not [w for w in caught if "never trained" in str(w.message)]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_rewind_optimizer_restores_the_state_of_the_rewind_point(tmp_path, optimizer):
+    class AtStep(Callback):
+        def __init__(self) -> None:
+            self.state = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+            if trainer.global_step == 3:
+                opt = trainer.optimizers[0]
+                self.state = {
+                    n: {k: v.clone() for k, v in opt.state[p].items()}
+                    for n, p in pl_module.named_parameters()
+                }
+
+    torch.manual_seed(0)
+    probe = AtStep()
+    cb = IterativeMagnitudePruning(
+        epochs_per_level=2, levels=1, rewind_step=3, rewind_optimizer=True, save_dir=str(tmp_path / "m")
+    )
+    module = PlainModule(optimizer=optimizer)
+    with pytest.warns(UserWarning, match="never trained"):
+        module, trainer = _fit(
+            tmp_path, cb, max_epochs=2, module=module, before=[probe]
+        )  # prune after step 4
+    opt = trainer.optimizers[0]
+    kinds = ["momentum_buffer"] if optimizer == "sgd" else ["exp_avg", "exp_avg_sq", "step"]
+    for name, p in module.named_parameters():
+        state = opt.state[p]
+        assert sorted(state) == sorted(kinds), name
+        for key, value in state.items():
+            expected = probe.state[name][key]
+            if name in cb.masked.masks and value.shape == p.shape:
+                expected = expected * cb.masked.masks[name]  # zeroed where pruned
+            assert torch.equal(value, expected), (name, key)
+    if optimizer == "adam":
+        assert float(opt.state[dict(module.named_parameters())[NAMES[0]]]["step"]) == 3.0
+    assert opt.param_groups[0]["lr"] == 0.05  # the hyper-parameters are the run's, not the snapshot's
 
 
 @pytest.mark.dist

@@ -239,6 +239,10 @@ def test_refuses_tensors_parametrized_by_something_else(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_arguments_raise():
+    with pytest.raises(
+        ValueError, match=r"unknown init 'xavier'.*'he_sparse', 'looks_linear', 'kaiming_normal'"
+    ):
+        SoftThreshold(density=0.3, init="xavier")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"unknown distribution 'random'.*str_induced"):
         SoftThreshold(distribution="random")
     with pytest.raises(ValueError, match="unknown sparse_function 'relu'"):

@@ -130,6 +130,21 @@ def test_aliases_and_bad_arguments():
         StaticSparsity(init="xavier")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="custom_densities"):
         StaticSparsity(distribution="custom")
+    flags = (
+        "embeddings",
+        "dense_first_layer",
+        "dense_last_layer",
+        "redistribute",
+        "flow_preservation",
+        "ortho_repair",
+        "rezero_every_step",
+        "verify_masks",
+        "log_layer_densities",
+    )
+    for flag in flags:  # YAML strings and numbers are not flags: bool("False") would be True
+        for bad in ("False", "true", 1, None):
+            with pytest.raises(TypeError, match=f"{flag} must be True or False, got"):
+                StaticSparsity(**{flag: bad})
 
 
 def test_pattern_matching_nothing_raises_at_setup(tmp_path, tiny_module):

@@ -404,6 +404,52 @@ def test_global_scope_keeps_floor_k_total(tmp_path):
     assert len({int(x.sum()) / x.numel() for x in b.values()}) > 1  # layers differ under a global top-k
 
 
+@pytest.mark.parametrize(
+    "optimizer,impl",
+    [("adam", "fused"), ("adam", "foreach"), ("adam", "for-loop"), ("sgd", "fused"), ("adamw", "fused")],
+)
+def test_global_scope_follows_the_scores_under_every_optimizer_implementation(tmp_path, optimizer, impl):
+    """Fused steps do not bump the scores' version counters; B must still be the top-k of the current scores."""
+
+    class Module(PlainModule):
+        def configure_optimizers(self):  # noqa: ANN201
+            kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+            cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
+            extra = {"momentum": 0.9} if optimizer == "sgd" else {}
+            return cls(self.parameters(), lr=0.05, **extra, **kwargs)
+
+    class Check(Callback):
+        """After every optimizer step, compare the B the forward uses with a fresh global top-k."""
+
+        def __init__(self, cb: Supermask) -> None:
+            self.cb, self.checked = cb, 0
+
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001, ANN201
+            self.start = {n: s.detach().clone() for n, s in self.cb.scores.items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+            b = self.cb.binary_masks()  # through the shared GlobalTopK plan, as the forward
+            total = sum(x.numel() for x in b.values())
+            keep = math.floor(0.25 * total)
+            ref = global_topk_masks(
+                {n: s.detach().abs() for n, s in self.cb.scores.items()}, keep, self.cb.masked.masks
+            )
+            differ = sum(int((b[n] ^ ref[n]).sum()) for n in b)
+            assert differ == 0, (trainer.global_step, differ)
+            self.checked += 1
+
+    torch.manual_seed(0)
+    cb = Supermask(density=0.25, er_density=0.5, scope="global", seed=2)
+    check = Check(cb)
+    trainer = make_trainer(tmp_path, [cb, check], max_steps=5)
+    trainer.fit(Module(), random_loader())
+    assert check.checked == 5
+    assert cb._step_hooks == []  # the step hooks are gone after fit
+    assert all(
+        not torch.equal(check.start[n], s.detach()) for n, s in cb.scores.items()
+    )  # the scores trained
+
+
 def test_optimizer_missing_scores_raises(tmp_path):
     class Stale(PlainModule):
         def __init__(self) -> None:
@@ -560,6 +606,12 @@ def test_support_follows_dtype_and_device_moves(tmp_path, tiny_module):
     assert p.support.dtype == torch.bool and p.scores.dtype == torch.float64
     out = tiny_module(torch.randn(2, 3, 8, 8, dtype=torch.float64))
     assert out.dtype == torch.float64
+    # and the device: the meta device stands in for an accelerator on a CPU-only machine
+    tiny_module.to("meta")
+    for p in (*cb.weight_masks.values(), *cb.bias_masks.values()):
+        assert p.support is None or p.support.device.type == "meta"
+        assert p.scores.device.type == "meta"
+    assert all(pp.support.device.type == "meta" for pp in cb.weight_masks.values())
 
 
 def test_cpu_kth_largest_is_exact_on_large_tensors_with_ties():
