@@ -1008,8 +1008,8 @@ class GraNet(RigL):
         scope: ``"global"`` (upstream ``GraNet``) or ``"layerwise"`` (upstream ``GraNet_uniform``).
         drop_fraction: as in :class:`DynamicSparsity`; upstream's ``--prune-rate`` 0.5 by default.
         stop_updates_at: when prune-and-regrow stops, fraction of training; default 1.0.
-        growth, update_every_steps, prune, allow_regrow_dropped, input_shape, and the initial-mask options: see
-            :class:`RigL` and :class:`DynamicSparsity`.
+        growth, growth_momentum, update_every_steps, prune, allow_regrow_dropped, input_shape, and the initial-mask
+            options: see :class:`RigL` and :class:`DynamicSparsity`.
 
     Example:
         >>> import pytorch_lightning as pl
