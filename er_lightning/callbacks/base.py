@@ -393,6 +393,8 @@ class SparsityCallback(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self.step_unit is not None:
+            self.step_unit.batch_start(trainer, pl_module)
         if self.router is not None:
             self.router.set_dense_step(self.needs_dense_gradients(trainer))
 
@@ -573,13 +575,6 @@ class SparsityCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         """Hook for topology changes; gradients are dense here. The static callback changes nothing."""
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.step_unit is not None:
-            self.step_unit.batch_start(trainer, pl_module)
 
     @override
     def on_train_batch_end(
