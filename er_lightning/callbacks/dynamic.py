@@ -545,13 +545,13 @@ class DynamicSparsity(SparsityCallback):
             pending, self._pending_stats = self._pending_stats, None
             self._log_update(trainer, pl_module, pending)
 
-    #: Whether growth ranks inactive weights by their gradient (RigL, GraNet); then update steps need the dense
-    #: weight gradient and compute dense under ``compute="sparse"``/``"auto"`` (the RigL paper's accounting).
-    GROWS_FROM_GRADIENT: bool = False
-
     @override
     def needs_dense_gradients(self, trainer: pl.Trainer) -> bool:
-        if not (self.REGROWS and self.GROWS_FROM_GRADIENT):
+        """Prune-and-regrow update steps compute dense under ``compute="sparse"``/``"auto"``: RigL and GraNet rank
+        growth by the dense gradient, and with every method the weights grown in an update take that step's
+        gradient, exactly as with ``compute="dense"`` (the RigL paper's accounting: an update step costs a dense
+        backward). Gradual pruning alone (GMP) needs nothing dense."""
+        if not self.REGROWS:
             return False
         if getattr(self, "growth", None) == "momentum":
             return True  # sparse momentum follows the momentum of the dense gradient at every step
@@ -818,8 +818,6 @@ class RigL(DynamicSparsity):
         >>> trainer = pl.Trainer(max_epochs=160, callbacks=[cb])
         >>> # trainer.fit(your_lightning_module, datamodule=...)
     """
-
-    GROWS_FROM_GRADIENT = True
 
     def __init__(
         self,

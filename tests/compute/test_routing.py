@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from er_lightning import RigL, StaticSparsity, Supermask
+from er_lightning import GMP, SET, RigL, StaticSparsity, Supermask
 from er_lightning.compute import kernels_available
 from er_lightning.masking import MaskedParams
 from er_lightning.masking.compute import SparseComputeRouter
@@ -196,3 +196,33 @@ def test_sparse_checkpoint_loads_into_a_plain_dense_model(tmp_path):
     x = torch.randn(3, 3, 8, 8)
     module.eval(), plain.eval()
     torch.testing.assert_close(plain(x), module(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c: SET(density=0.3, update_every_steps=4, stop_updates_at=1.0, seed=2, compute=c),
+        lambda c: GMP(init_density=0.5, final_density=0.1, update_every_steps=3, seed=2, compute=c),
+    ],
+    ids=["SET", "GMP"],
+)
+def test_topology_changing_callbacks_match_dense_compute(tmp_path, make):
+    dense_cb, sparse_cb = make("dense"), make("sparse")
+    dense, _ = _fit(tmp_path / "d", dense_cb, steps=12)
+    sparse, _ = _fit(tmp_path / "s", sparse_cb, steps=12)
+    for name in dense_cb.masked.names:
+        assert torch.equal(dense_cb.masked.masks[name], sparse_cb.masked.masks[name]), name
+    assert _max_rel_diff(sparse, dense) <= 1e-4
+
+
+def test_mixed_precision_falls_back_to_dense_and_keeps_zeros(tmp_path, caplog):
+    cb = StaticSparsity(density=0.3, compute="sparse")
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        module, _ = _fit(tmp_path, cb, steps=3)
+        torch.manual_seed(0)
+        module = OddModule()
+        make_trainer(tmp_path, [cb], max_steps=3, precision="bf16-mixed").fit(module, _loader(7))
+    assert any("autocast" in r.message for r in caplog.records)
+    for name, p in module.named_parameters():
+        if name in cb.masked.masks:
+            assert int((p[~cb.masked.masks[name]] != 0).sum()) == 0
