@@ -226,3 +226,21 @@ def test_mixed_precision_falls_back_to_dense_and_keeps_zeros(tmp_path, caplog):
     for name, p in module.named_parameters():
         if name in cb.masked.masks:
             assert int((p[~cb.masked.masks[name]] != 0).sum()) == 0
+
+
+def test_checkpoint_resumes_across_compute_modes(tmp_path):
+    """compute is not part of the mask config: a sparse-compute checkpoint resumes with compute='dense'."""
+    torch.manual_seed(0)
+    module = OddModule()
+    trainer = make_trainer(tmp_path, [StaticSparsity(density=0.3, compute="sparse")], max_steps=3)
+    trainer.fit(module, _loader(7))
+    path = tmp_path / "a.ckpt"
+    trainer.save_checkpoint(path)
+    cb = StaticSparsity(density=0.3, compute="dense")
+    resumed = make_trainer(tmp_path, [cb], max_steps=5)
+    resumed.fit(OddModule(), _loader(7), ckpt_path=path)
+    assert resumed.global_step == 5
+    saved = torch.load(path, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if "StaticSparsity" in k]
+    for name, mask in state["masks"].items():
+        assert torch.equal(cb.masked.masks[name], mask)
