@@ -587,7 +587,7 @@ class SparsityCallback(Callback):
             self.masked.zero_optimizer_state_(trainer.optimizers)
         if self.router is not None:
             self.router.set_dense_step(False)
-            if not self._logged_compute and all(r.decision is not None for r in self.router.routes.values()):
+            if not self._logged_compute:  # after the first batch: auto has probed every layer it ran
                 self._logged_compute = True
                 self._log_compute()
 

@@ -237,7 +237,8 @@ class SparseComputeRouter:
             route.dense_step = flag
 
     def decisions(self) -> dict[str, str]:
-        """FQN → ``"sparse"``, ``"dense"`` (with the reason) or ``"pending"`` (auto, not probed yet)."""
+        """FQN → ``"sparse"``, ``"dense"`` (with the reason) or ``"pending"`` (auto: the layer has not run yet, e.g.
+        ``MultiheadAttention.out_proj``, whose weight attention reads directly)."""
         out = {n: (r.decision or "pending") for n, r in self.routes.items()}
         out.update({n: f"dense ({why})" for n, why in self.dense_layers.items()})
         return out
