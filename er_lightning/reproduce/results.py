@@ -64,6 +64,10 @@ class RunResult:
         acc_best: the largest ``val/acc`` over all epochs (upstream's reported number; optimistic).
         density_final: the last logged ``sparsity/density_global`` (``None`` if never logged).
         wall_s: seconds between the first and the last event (includes time spent killed between resumes).
+
+    Example:
+        >>> RunResult(epochs_done=10, max_epochs=10, acc_final=0.97, acc_best=0.98, density_final=0.1, wall_s=9.5).finished
+        True
     """
 
     epochs_done: int
@@ -143,7 +147,13 @@ def read_run(run_dir: Path) -> RunResult | None:
 
 @dataclass(frozen=True)
 class Row:
-    """One run of a study with what its logs say (``result`` is ``None`` for a run not started)."""
+    """One run of a study with what its logs say (``result`` is ``None`` for a run not started).
+
+    Example:
+        >>> from er_lightning.reproduce.studies import RunSpec
+        >>> Row(RunSpec("g", "erk", 0.1, 0, ("configs/digits/static.yaml",)), None).status
+        'missing'
+    """
 
     spec: RunSpec
     result: RunResult | None
@@ -163,7 +173,13 @@ def collect(study: Study, study_dir: Path) -> list[Row]:
 
 @dataclass(frozen=True)
 class Cell:
-    """Final accuracies of the finished seeds of one (group, method, density)."""
+    """Final accuracies of the finished seeds of one (group, method, density).
+
+    Example:
+        >>> cell = Cell((0.90, 0.95))
+        >>> round(cell.mean, 4), round(cell.std, 4)
+        (0.925, 0.0354)
+    """
 
     values: tuple[float, ...]
 

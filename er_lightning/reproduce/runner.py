@@ -106,7 +106,10 @@ def fit_args(
 
 @dataclass(frozen=True)
 class Planned:
-    """A run and what to do with it: ``skip`` (finished), ``resume`` (from ``checkpoint``) or ``start``."""
+    """A run and what to do with it: ``skip`` (finished), ``resume`` (from ``checkpoint``) or ``start``.
+
+    ``args`` are the run's ``cli.py`` arguments (with ``--ckpt_path`` last when resuming); :func:`plan` makes them.
+    """
 
     spec: RunSpec
     action: str
@@ -171,7 +174,13 @@ def print_commands(
 
 @dataclass(frozen=True)
 class StudyReport:
-    """Outcome of :func:`run_study`: run ids per outcome and the written result files."""
+    """Outcome of :func:`run_study`: run ids per outcome and the written result files.
+
+    Example:
+        >>> report = StudyReport(skipped=("a",), finished=("b",), failed=(), outputs=())
+        >>> len(report.skipped) + len(report.finished)
+        2
+    """
 
     skipped: tuple[str, ...]
     finished: tuple[str, ...]
