@@ -32,6 +32,7 @@ from typing_extensions import override
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.compute import COMPUTE_MODES, SparseComputeRouter
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
+from er_lightning.masking.flops import FlopsCount, count_flops, flops_table
 from er_lightning.masking.io import SPARSE_CHECKPOINT_KEY
 from er_lightning.masking.masked import MaskedParams, count_zeros
 from er_lightning.masking.targets import (
@@ -250,6 +251,13 @@ class SparsityCallback(Callback):
         self._logged_compute = False
         #: Set by subclasses whose schedules count optimizer steps; checked at every training batch.
         self.step_unit: StepUnitGuard | None = None
+        # FLOPs accounting (counted on the first training batch of each fit)
+        self.flops: FlopsCount | None = None
+        self._flops_ratio_sum = 0.0
+        self._flops_steps = 0
+        self._flops_step_ratio: float | None = None
+        self._flops_warned = False
+        self._dense_gradient_step = False
 
     # ------------------------------------------------------------------ config
     def mask_config(self) -> dict[str, Any]:
@@ -395,8 +403,15 @@ class SparsityCallback(Callback):
     ) -> None:
         if self.step_unit is not None:
             self.step_unit.batch_start(trainer, pl_module)
+        self._dense_gradient_step = self.needs_dense_gradients(trainer)
         if self.router is not None:
-            self.router.set_dense_step(self.needs_dense_gradients(trainer))
+            self.router.set_dense_step(self._dense_gradient_step)
+        if self.flops is None and not self._flops_warned:
+            self.flops = self._count_flops(pl_module, batch)
+            if self.flops is not None:
+                self._log_flops_table()
+        if self.flops is not None:
+            pl_module.log("flops/inference_ratio", self.flops.inference_ratio, rank_zero_only=True)
 
     def prepare_weights_(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The fit-time weight work, exactly once per callback: init, zero masked weights, orthogonality repair.
@@ -528,6 +543,10 @@ class SparsityCallback(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_step_hooks()
+        # the next fit counts FLOPs again on its own first batch (the cumulative ratio carries on)
+        self.flops = None
+        self._flops_warned = False
+        self._flops_step_ratio = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -568,8 +587,14 @@ class SparsityCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         assert self.masked is not None
+        flops = self.flops  # the forward and backward of this step ran under the masks before any update
         self.update_masks(trainer, pl_module, optimizer)
         self.masked.mask_grads_()
+        if flops is not None:
+            ratio = flops.train_step_ratio(self.weight_gradient_flops(flops, trainer.global_step))
+            self._flops_step_ratio = ratio
+            self._flops_ratio_sum += ratio
+            self._flops_steps += 1
 
     def update_masks(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -590,6 +615,13 @@ class SparsityCallback(Callback):
             if not self._logged_compute:  # after the first batch: auto has probed every layer it ran
                 self._logged_compute = True
                 self._log_compute()
+        if self._flops_step_ratio is not None:
+            pl_module.log("flops/train_step_ratio", self._flops_step_ratio, rank_zero_only=True)
+            pl_module.log(
+                "flops/train_cumulative_ratio",
+                self._flops_ratio_sum / max(self._flops_steps, 1),
+                rank_zero_only=True,
+            )
 
     @rank_zero_only
     def _log_compute(self) -> None:
@@ -606,6 +638,61 @@ class SparsityCallback(Callback):
                 timing = f"  (probe: dense {route.timings[0] * 1e3:.2f} ms, sparse {route.timings[1] * 1e3:.2f} ms)"
             lines.append(f"  {name}: {what}{timing}")
         rank_zero_info("\n".join(lines))
+
+    # ------------------------------------------------------------------ FLOPs accounting
+    def current_masks(self) -> dict[str, Tensor]:
+        """The masks the forward pass computes with now (hard masks here; learned masks in subclasses)."""
+        assert self.masked is not None
+        return dict(self.masked.masks)
+
+    def weight_gradient_flops(self, flops: FlopsCount, step: int) -> float | None:
+        """Hook: FLOPs of the weight gradient of the step before optimizer step ``step + 1``.
+
+        ``None`` means a sparse weight gradient, as costly as the sparse forward (RigL App. H); on steps that
+        need the dense weight gradient (:meth:`needs_dense_gradients`, e.g. RigL's growth) it is ``flops.dense``.
+        """
+        return float(flops.dense) if self._dense_gradient_step else None
+
+    def refresh_flops_(self) -> None:
+        """Recount the active weights for the FLOPs accounting; call after every mask change."""
+        if self.flops is not None and self.masked is not None:
+            self.flops = self.flops.with_masks(self.current_masks())
+
+    def _count_flops(self, pl_module: pl.LightningModule, batch: Any) -> FlopsCount | None:
+        """Forward FLOPs on the model input of ``batch`` (its first element), or on ``example_input_array``."""
+        x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+        if not isinstance(x, (Tensor, Mapping)):
+            x = getattr(pl_module, "example_input_array", None)
+        if self.router is not None:
+            self.router.set_dense_step(True)  # count the dense ops the masks scale (kernels are not counted)
+        try:
+            if x is None:
+                raise TypeError(f"no tensor found in a batch of type {type(batch).__name__}")
+            return count_flops(pl_module, x, self.current_masks())
+        except Exception as err:  # the accounting is a report: say why it is missing and train on
+            self._flops_warned = True
+            rank_zero_warn(
+                f"{type(self).__name__}: FLOPs accounting skipped ({type(err).__name__}: {err}). It calls the "
+                "LightningModule on the first element of a training batch; make forward() accept it, or set "
+                "example_input_array"
+            )
+            return None
+        finally:
+            if self.router is not None:
+                self.router.set_dense_step(self._dense_gradient_step)
+
+    @rank_zero_only
+    def _log_flops_table(self) -> None:
+        if self.flops is None:
+            return
+        rank_zero_info(
+            flops_table(
+                self.flops,
+                self.target_densities,
+                title=f"{type(self).__name__}: forward FLOPs on one training batch "
+                f"({self.flops.examples} examples), per example",
+            )
+        )
 
     # ------------------------------------------------------------------ logging
     @rank_zero_only
@@ -700,6 +787,8 @@ class SparsityCallback(Callback):
             "masks": self.masked.state_masks(),
             "counts": {n: kept for n, (kept, _) in self.masked.counts().items()},
             "target_densities": dict(self.target_densities),
+            "flops_ratio_sum": self._flops_ratio_sum,
+            "flops_steps": self._flops_steps,
         }
 
     @override
@@ -754,6 +843,8 @@ class SparsityCallback(Callback):
             self.masked.set_mask_(name, mask)
         self.target_densities = dict(state_dict.get("target_densities", self.target_densities))
         self._weights_ready = True  # the checkpoint's weights are the trained ones: no init at fit
+        self._flops_ratio_sum = float(state_dict.get("flops_ratio_sum", 0.0))
+        self._flops_steps = int(state_dict.get("flops_steps", 0))
         self.load_extra_state(state_dict)
 
     def _check_checkpoint_masks(

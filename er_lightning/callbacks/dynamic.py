@@ -585,6 +585,7 @@ class DynamicSparsity(SparsityCallback):
             self._update(trainer, pl_module, step, pruning, regrow)
         finally:
             self._synflow = None
+        self.refresh_flops_()
 
     def _compute_synflow(self, pl_module: pl.LightningModule) -> None:
         assert self.masked is not None

@@ -331,6 +331,7 @@ class IterativeMagnitudePruning(SparsityCallback):
         self.target_densities = self.masked.densities()
         self._restart_lr(trainer, pl_module, epochs_done)
         self._save_level()
+        self.refresh_flops_()
         self.log_densities(trainer, extra={"imp/level": float(self.level)})
         max_epochs = trainer.max_epochs
         last = self.level == self.levels and self.rewind_step is not None

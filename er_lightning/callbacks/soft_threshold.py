@@ -457,7 +457,13 @@ class SoftThreshold(SparsityCallback):
         extra: dict[str, float] = {}
         if self.target_density is not None:
             extra = self.steer_(trainer)
+        self.refresh_flops_()  # the thresholds move the realised masks: recount at epoch ends
         self.log_densities(trainer, extra=extra)
+
+    @override
+    def current_masks(self) -> dict[str, Tensor]:
+        """Where Ŵ is nonzero: the weights the forward computes with."""
+        return self.effective_masks()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

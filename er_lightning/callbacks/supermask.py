@@ -16,6 +16,7 @@ from typing_extensions import override
 from er_lightning.callbacks.base import SparsityCallback, _stream_seed
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import verify_masks_agree
+from er_lightning.masking.flops import FlopsCount
 from er_lightning.masking.supermask import (
     SCORE_INITS,
     WEIGHT_INITS,
@@ -466,6 +467,7 @@ class Supermask(SparsityCallback):
             return
         self.level = level
         self._apply_fraction(self.schedule[level])
+        self.refresh_flops_()
         rank_zero_info(
             f"Supermask: level {level + 1}/{self.levels} from step {trainer.global_step}, k = {self.k:.5f}"
         )
@@ -512,10 +514,23 @@ class Supermask(SparsityCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._enter_level_if_due(trainer, pl_module)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.refresh_flops_()  # B follows the trained scores: recount at epoch ends
         self.log_densities(trainer)
+
+    # ------------------------------------------------------------------ FLOPs accounting
+    @override
+    def current_masks(self) -> dict[str, Tensor]:
+        """B inside M_ER: the weights the forward computes with."""
+        return self.binary_masks()
+
+    @override
+    def weight_gradient_flops(self, flops: FlopsCount, step: int) -> float | None:
+        """Edge-popup trains every score inside the ER support: the weight gradient is needed on all of M_ER."""
+        return flops.with_kept(self._support_counts).sparse
 
     # ------------------------------------------------------------------ logging
     @override
