@@ -25,14 +25,16 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from er_lightning.callbacks.figures import FigureWriter, tensorboard_writers
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.compute import COMPUTE_MODES, SparseComputeRouter
 from er_lightning.masking.dist import broadcast_masks_, verify_masks_agree
-from er_lightning.masking.flops import FlopsCount, count_flops, flops_table
+from er_lightning.masking.flops import FLOPS_COLUMNS, FlopsCount, count_flops, flops_rows, flops_table
 from er_lightning.masking.io import SPARSE_CHECKPOINT_KEY
 from er_lightning.masking.masked import MaskedParams, count_zeros
 from er_lightning.masking.targets import (
@@ -151,6 +153,8 @@ class SparsityCallback(Callback):
 
     #: Bumped when the layout of :meth:`state_dict` changes.
     FORMAT_VERSION = 1
+    #: Whether the heat map and dead-unit figures are drawn (methods whose masks move during training).
+    TOPOLOGY_FIGURES: bool = False
     #: Distribution names accepted beyond the density rules (subclasses extend).
     EXTRA_DISTRIBUTIONS: tuple[str, ...] = ()
 
@@ -251,6 +255,7 @@ class SparsityCallback(Callback):
         self._logged_compute = False
         #: Set by subclasses whose schedules count optimizer steps; checked at every training batch.
         self.step_unit: StepUnitGuard | None = None
+        self.figures = FigureWriter(type(self).__name__, topology=self.TOPOLOGY_FIGURES)
         # FLOPs accounting (counted on the first training batch of each fit)
         self.flops: FlopsCount | None = None
         self._flops_ratio_sum = 0.0
@@ -409,7 +414,7 @@ class SparsityCallback(Callback):
         if self.flops is None and not self._flops_warned:
             self.flops = self._count_flops(pl_module, batch)
             if self.flops is not None:
-                self._log_flops_table()
+                self._log_flops_table(trainer)
         if self.flops is not None:
             pl_module.log("flops/inference_ratio", self.flops.inference_ratio, rank_zero_only=True)
 
@@ -547,6 +552,7 @@ class SparsityCallback(Callback):
         self.flops = None
         self._flops_warned = False
         self._flops_step_ratio = None
+        self._log_hparams(trainer, pl_module)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -682,9 +688,16 @@ class SparsityCallback(Callback):
                 self.router.set_dense_step(self._dense_gradient_step)
 
     @rank_zero_only
-    def _log_flops_table(self) -> None:
+    def _log_flops_table(self, trainer: pl.Trainer) -> None:
         if self.flops is None:
             return
+        rows = flops_rows(self.flops, self.target_densities)
+        markdown = "\n".join(
+            ["| " + " | ".join(FLOPS_COLUMNS) + " |", "|" + "---|" * len(FLOPS_COLUMNS)]
+            + ["| " + " | ".join(r) + " |" for r in rows]
+        )
+        for writer in tensorboard_writers(trainer):
+            writer.add_text("sparsity/layers", markdown, global_step=trainer.global_step)
         rank_zero_info(
             flops_table(
                 self.flops,
@@ -757,23 +770,52 @@ class SparsityCallback(Callback):
             metrics.update(extra)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
-            experiment = getattr(logger, "experiment", None)
-            if setup and hasattr(experiment, "add_image") and hasattr(experiment, "add_text"):
-                experiment.add_image(
-                    "sparsity/layer_densities",
-                    density_bar_chart(list(densities.values())),
-                    trainer.global_step,
-                )
-                rows = "\n".join(
-                    f"| {n} | {tuple(self.masked.masks[n].shape)} | {self.target_densities.get(n, float('nan')):.5f} "
-                    f"| {d:.5f} |"
-                    for n, d in densities.items()
-                )
-                experiment.add_text(
-                    "sparsity/layers",
-                    "| parameter | shape | target | density |\n|---|---|---|---|\n" + rows,
-                    trainer.global_step,
-                )
+        self.figures.mask_change(trainer, self.current_masks(), self.density_targets())
+
+    def density_targets(self) -> dict[str, float]:
+        """Per-layer targets marked in the density figure (the drawn ER densities; subclasses refine)."""
+        return dict(self.target_densities)
+
+    def topology_history(self) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+        """Hook: (ever-active masks, initial masks) for the ITOP/overlap figure; ``None`` where masks never move."""
+        return None
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_epoch_figures(trainer)
+
+    @rank_zero_only
+    def _log_epoch_figures(self, trainer: pl.Trainer) -> None:
+        if self.masked is None:
+            return
+        history = self.topology_history()
+        self.figures.epoch_end(
+            trainer,
+            dict(zip(self.masked.names, self.masked.params)),
+            self.current_masks(),
+            *(history if history is not None else (None, None)),
+        )
+
+    @rank_zero_only
+    def _log_hparams(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The callback's configuration and the final metrics in TensorBoard's HPARAMS tab (``hp/<metric>``)."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or self.masked is None:
+            return
+        params: dict[str, Any] = {"sparsity/method": type(self).__name__}
+        params.update({f"sparsity/{k}": v for k, v in self.mask_config().items() if k != "method"})
+        hparams = getattr(pl_module, "hparams", {})
+        params.update({f"model/{k}": v for k, v in dict(hparams).items()})
+        metrics = {
+            f"hp/{k}": float(v)
+            for k, v in trainer.callback_metrics.items()
+            if isinstance(v, Tensor) and v.numel() == 1 and math.isfinite(float(v))
+        }
+        masks = self.current_masks()
+        kept = sum(int(torch.count_nonzero(m)) for m in masks.values())
+        metrics["hp/density_final"] = kept / max(sum(m.numel() for m in masks.values()), 1)
+        for logger in loggers:
+            logger.log_hyperparams(params, metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpoint state
     @override
@@ -881,19 +923,3 @@ class SparsityCallback(Callback):
 
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         """Hook for subclasses: restore what they added to :meth:`state_dict` (masks are restored already)."""
-
-
-def density_bar_chart(values: Sequence[float], height: int = 100, bar: int = 6, gap: int = 2) -> Tensor:
-    """A (3, H, W) image of one vertical bar per layer (height ∝ density), for TensorBoard without matplotlib."""
-    n = max(len(values), 1)
-    width = n * (bar + gap) + gap
-    img = torch.ones(3, height + 2, width)
-    img[:, -1, :] = 0.0  # baseline
-    for i, v in enumerate(values):
-        h = int(round(min(max(v, 0.0), 1.0) * height))
-        x0 = gap + i * (bar + gap)
-        if h:
-            img[0, height + 1 - h : height + 1, x0 : x0 + bar] = 0.2
-            img[1, height + 1 - h : height + 1, x0 : x0 + bar] = 0.4
-            img[2, height + 1 - h : height + 1, x0 : x0 + bar] = 0.8
-    return img

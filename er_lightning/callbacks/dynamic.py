@@ -261,6 +261,7 @@ class DynamicSparsity(SparsityCallback):
 
     #: Whether prune-and-regrow runs at updates (GMP turns it off).
     REGROWS: bool = True
+    TOPOLOGY_FIGURES = True
 
     def __init__(
         self,
@@ -428,6 +429,12 @@ class DynamicSparsity(SparsityCallback):
             for key, masks in self._history().items():
                 state[key] = {n: m.detach().to("cpu", copy=True) for n, m in masks.items()}
         return state
+
+    @override
+    def topology_history(self) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+        if self._ever_active is None or self._initial_masks is None:
+            return None
+        return self._ever_active, self._initial_masks
 
     @override
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:

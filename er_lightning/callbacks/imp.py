@@ -297,6 +297,7 @@ class IterativeMagnitudePruning(SparsityCallback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         while self.level < self.levels and trainer.current_epoch + 1 >= self._boundary():
             self.prune_(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
 
     def _boundary(self) -> int:
         """Number of completed epochs at which the next prune is due."""

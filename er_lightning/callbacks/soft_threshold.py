@@ -206,6 +206,7 @@ class SoftThreshold(SparsityCallback):
     SUPPORTS_SPARSE_COMPUTE = False  # learned masks live in a parametrization; export with to_sparse
 
     EXTRA_DISTRIBUTIONS: tuple[str, ...] = ("str_induced",)
+    TOPOLOGY_FIGURES = True
 
     def __init__(
         self,
@@ -459,6 +460,7 @@ class SoftThreshold(SparsityCallback):
             extra = self.steer_(trainer)
         self.refresh_flops_()  # the thresholds move the realised masks: recount at epoch ends
         self.log_densities(trainer, extra=extra)
+        super().on_train_epoch_end(trainer, pl_module)
 
     @override
     def current_masks(self) -> dict[str, Tensor]:

@@ -465,9 +465,13 @@ class Supermask(SparsityCallback):
         )
         if level == self.level:
             return
-        self.level = level
+        previous, self.level = self.level, level
         self._apply_fraction(self.schedule[level])
         self.refresh_flops_()
+        if (
+            previous is not None
+        ):  # a new level changes B: refresh the figures (the first level: at train start)
+            self.log_densities(trainer)
         rank_zero_info(
             f"Supermask: level {level + 1}/{self.levels} from step {trainer.global_step}, k = {self.k:.5f}"
         )
@@ -520,12 +524,19 @@ class Supermask(SparsityCallback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.refresh_flops_()  # B follows the trained scores: recount at epoch ends
         self.log_densities(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ FLOPs accounting
     @override
     def current_masks(self) -> dict[str, Tensor]:
         """B inside M_ER: the weights the forward computes with."""
         return self.binary_masks()
+
+    @override
+    def density_targets(self) -> dict[str, float]:
+        """The kept fraction k of the current level, for every layer."""
+        assert self.masked is not None
+        return dict.fromkeys(self.masked.names, self.k)
 
     @override
     def weight_gradient_flops(self, flops: FlopsCount, step: int) -> float | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from er_lightning.sparsity.topology import dead_units
+
 __all__ = ["preserve_flow_"]
 
 
@@ -32,13 +34,13 @@ def preserve_flow_(mask: Tensor, *, generator: torch.Generator) -> tuple[int, in
     per_out = mask.view(out, -1)  # view: (out, in·k)
     k = per_out.shape[1] // inp
     fixed_out = 0
-    dead_out = torch.nonzero(~per_out.any(dim=1)).reshape(-1).tolist()
+    dead_out = torch.nonzero(dead_units(mask)[0]).reshape(-1).tolist()
     for o in dead_out:
         j = int(torch.randint(per_out.shape[1], (1,), generator=generator))
         per_out[o, j] = True
         fixed_out += 1
     view = mask.view(out, inp, k)
-    dead_in = torch.nonzero(~view.any(dim=(0, 2))).reshape(-1).tolist()
+    dead_in = torch.nonzero(dead_units(mask)[1]).reshape(-1).tolist()
     fixed_in = 0
     for i in dead_in:
         j = int(torch.randint(out * k, (1,), generator=generator))
