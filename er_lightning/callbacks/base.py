@@ -30,6 +30,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from typing_extensions import override
 
+from er_lightning.callbacks.feedback import progress_reporter
 from er_lightning.callbacks.figures import FigureWriter, tensorboard_writers
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.compute import COMPUTE_MODES, SparseComputeRouter
@@ -48,7 +49,8 @@ from er_lightning.masking.targets import (
 from er_lightning.sparsity.checks import check_bool, check_density, check_patterns
 from er_lightning.sparsity.distributions import DENSITY_METHODS, layer_densities
 from er_lightning.sparsity.flow import preserve_flow_
-from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_repair_
+from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_objective, ortho_repair_
+from er_lightning.sparsity.progress import report, reporting
 from er_lightning.sparsity.sampling import layer_generator, sample_masks
 
 __all__ = ["SparsityCallback", "DISTRIBUTION_ALIASES", "resolve_distribution", "INIT_METHODS"]
@@ -247,6 +249,8 @@ class SparsityCallback(Callback):
         self.masked: MaskedParams | None = None
         self.target_densities: dict[str, float] = {}
         self.flow_repairs: dict[str, tuple[int, int]] = {}
+        #: FQN → ortho objective (before, after) of the repair at setup.
+        self.ortho_objectives: dict[str, tuple[float, float]] = {}
         self._module_id: int | None = None
         self._logged_setup = False
         self._step_hooks: list[Any] = []
@@ -428,9 +432,7 @@ class SparsityCallback(Callback):
         self.init_weights_(pl_module)
         self.masked.apply_()
         if self.ortho_repair:
-            for name, p in zip(self.masked.names, self.masked.params):
-                if p.dim() >= 2:
-                    ortho_repair_(p.data, self.masked.masks[name], steps=self.ortho_steps, lr=self.ortho_lr)
+            self._ortho_repair(trainer)
             self.masked.apply_()
         self._weights_ready = True
 
@@ -451,6 +453,28 @@ class SparsityCallback(Callback):
                 f"{self.density}, distribution {self.distribution!r}); they block the signal. Raise density, use "
                 "another distribution (e.g. 'erk' keeps small layers denser), or leave them dense with exclude"
             )
+
+    def _ortho_repair(self, trainer: pl.Trainer) -> None:
+        """Ortho repair of every masked matrix, with progress per layer and the objective before/after logged."""
+        assert self.masked is not None
+        layers = [(n, p) for n, p in zip(self.masked.names, self.masked.params) if p.dim() >= 2]
+        reporter = progress_reporter(trainer, type(self).__name__)
+        before_all = after_all = 0.0
+        with reporting(reporter):
+            for i, (name, p) in enumerate(layers, 1):
+                mask = self.masked.masks[name]
+                before = ortho_objective(p.data, mask)
+                after = ortho_repair_(p.data, mask, steps=self.ortho_steps, lr=self.ortho_lr)
+                before_all += before
+                after_all += after
+                self.ortho_objectives[name] = (before, after)
+                report(
+                    "ortho repair (layers)", i, len(layers), objective_before=before, objective_after=after
+                )
+        rank_zero_info(
+            f"{type(self).__name__}: ortho repair of {len(layers)} layers ({self.ortho_steps} steps each): "
+            f"sum of ‖(M⊙W)(M⊙W)ᵀ − I‖_F {before_all:.6g} → {after_all:.6g}"
+        )
 
     def _check_single_sparsity_callback(self, trainer: pl.Trainer) -> None:
         others = [

@@ -290,6 +290,8 @@ class IterativeMagnitudePruning(SparsityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # the level in the progress bar (the log line at each prune says what changed)
+        pl_module.log("imp/level", float(self.level), prog_bar=True, logger=False, rank_zero_only=True)
         if self.rewind_step and self._rewind is None and trainer.global_step >= self.rewind_step:
             self._take_snapshot(trainer, pl_module)
 

@@ -26,8 +26,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from er_lightning.callbacks.base import SparsityCallback
+from er_lightning.callbacks.feedback import progress_reporter
 from er_lightning.masking.io import load_masks
 from er_lightning.sparsity.checks import check_int
+from er_lightning.sparsity.progress import reporting
 from er_lightning.sparsity.sampling import sample_masks
 from er_lightning.sparsity.scores import BatchLoss, prune_at_init
 
@@ -296,20 +298,21 @@ class StaticSparsity(SparsityCallback):
         if criterion == "synflow":
             input_shape = self._synflow_input_shape(trainer, pl_module)
         model = _scoring_module(trainer, pl_module)
-        masks = prune_at_init(
-            criterion,  # type: ignore[arg-type]
-            model,
-            list(shapes),
-            self.density,
-            scope="global",
-            batches=batches,
-            batch_loss=batch_loss,
-            num_batches=self.num_batches,
-            input_shape=input_shape,
-            seed=self.seed,
-            rounds=self.rounds,
-            double=self.double,
-        )
+        with reporting(progress_reporter(trainer, type(self).__name__)):
+            masks = prune_at_init(
+                criterion,  # type: ignore[arg-type]
+                model,
+                list(shapes),
+                self.density,
+                scope="global",
+                batches=batches,
+                batch_loss=batch_loss,
+                num_batches=self.num_batches,
+                input_shape=input_shape,
+                seed=self.seed,
+                rounds=self.rounds,
+                double=self.double,
+            )
         return {n: masks[n].detach().to("cpu", torch.bool) for n in shapes}
 
     def _batch_loss(self, pl_module: pl.LightningModule) -> BatchLoss | None:

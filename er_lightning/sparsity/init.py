@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["fan_in", "he_sparse_", "looks_linear_", "ortho_repair_"]
+__all__ = ["fan_in", "he_sparse_", "looks_linear_", "ortho_objective", "ortho_repair_"]
 
 
 def fan_in(shape: torch.Size | tuple[int, ...]) -> int:
@@ -62,6 +62,17 @@ def looks_linear_(weight: Tensor, density: float, *, first: bool, generator: tor
     return weight
 
 
+def _gram_distance(effective: Tensor) -> Tensor:
+    eye = torch.eye(effective.shape[0], dtype=effective.dtype, device=effective.device)
+    return torch.linalg.matrix_norm(effective @ effective.T - eye)
+
+
+def ortho_objective(weight: Tensor, mask: Tensor) -> float:
+    """‖(M⊙W)(M⊙W)ᵀ − I‖_F over the rows of the flattened weight (what :func:`ortho_repair_` minimises)."""
+    m = mask.reshape(mask.shape[0], -1).float()
+    return float(_gram_distance(weight.detach().reshape(weight.shape[0], -1).float() * m))
+
+
 def ortho_repair_(weight: Tensor, mask: Tensor, *, steps: int = 1000, lr: float = 1e-2) -> float:
     """Make the masked weight's rows closer to orthonormal: minimise ‖(M⊙W)(M⊙W)ᵀ − I‖_F by plain SGD.
 
@@ -75,11 +86,9 @@ def ortho_repair_(weight: Tensor, mask: Tensor, *, steps: int = 1000, lr: float 
         raise ValueError(f"ortho repair needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
     m = mask.reshape(mask.shape[0], -1).to(torch.float32)
     w = (weight.detach().reshape(weight.shape[0], -1).float() * m).clone().requires_grad_(True)
-    eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
     loss = torch.zeros(())
     for _ in range(steps):
-        effective = w * m
-        loss = torch.linalg.matrix_norm(effective @ effective.T - eye)
+        loss = _gram_distance(w * m)
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
             w -= lr * grad

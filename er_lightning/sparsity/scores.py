@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from er_lightning.sparsity.checks import check_density, check_int
+from er_lightning.sparsity.progress import report
 from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
 
 __all__ = [
@@ -436,10 +437,11 @@ def snip_scores(
         tensors = [cparams[n] for n in names]
         device = tensors[0].device
         total = [torch.zeros_like(t) for t in tensors]
-        for batch in data:
+        for i, batch in enumerate(data, 1):
             grads = _grads(_loss(clone, batch, loss_fn, device, batch_loss=batch_loss), tensors)
             for acc, g in zip(total, grads):
                 acc.add_(g)
+            report("snip batches", i, len(data))
         scores = {n: (acc / len(data) * t.detach()).abs() for n, acc, t in zip(names, total, tensors)}
     _mask_scores_(scores, mask_map)
     return _finish(scores, params)
@@ -504,19 +506,21 @@ def grasp_scores(
         device = tensors[0].device
         # Pass 1: g = gradient of the batch-averaged loss (a constant in pass 2).
         g = [torch.zeros_like(t) for t in tensors]
-        for batch in data:
+        for i, batch in enumerate(data, 1):
             loss = _loss(clone, batch, loss_fn, device, temperature, batch_loss)
             for acc, gb in zip(g, _grads(loss, tensors)):
                 acc.add_(gb, alpha=1.0 / len(data))
+            report("grasp batches (2 passes)", i, 2 * len(data))
         # Pass 2: Hg = d/dW (g · ∇L), summed over batches of the averaged loss.
         hg = [torch.zeros_like(t) for t in tensors]
-        for batch in data:
+        for i, batch in enumerate(data, 1):
             loss = _loss(clone, batch, loss_fn, device, temperature, batch_loss) / len(data)
             grad_f = _grads(loss, tensors, create_graph=True)
             z = sum((gi * fi).sum() for gi, fi in zip(g, grad_f) if fi.requires_grad)
             if isinstance(z, Tensor) and z.requires_grad:
                 for acc, hb in zip(hg, _grads(z, tensors)):
                     acc.add_(hb)
+            report("grasp batches (2 passes)", len(data) + i, 2 * len(data))
         scores = {n: t.detach() * h for n, t, h in zip(names, tensors, hg)}
     _mask_scores_(scores, mask_map)
     return _finish(scores, params)
@@ -838,6 +842,7 @@ def synflow_masks(
             scores = dict(zip(names, _synflow_pass(clone, tensors, shape, dtype, tokens)))
             target = density if r == rounds else density ** (r / rounds)
             current = _select(scores, target, scope, current, clip=r < rounds)
+            report("synflow rounds", r, rounds, density=target)
     return {n: current[n].to(params[n].device) for n in names}
 
 
