@@ -84,7 +84,7 @@ def test_ortho_repair_logs_objective_before_and_after(tmp_path, caplog) -> None:
     with caplog.at_level(logging.INFO):
         make_trainer(tmp_path, [cb], max_steps=1).fit(module, train_dataloaders=random_loader())
     assert list(cb.ortho_objectives) == NAMES
-    for name, (before, after) in cb.ortho_objectives.items():
+    for before, after in cb.ortho_objectives.values():
         assert after < before
     lines = [r.getMessage() for r in caplog.records if "ortho repair" in r.getMessage()]
     assert [line.split()[4] for line in lines if "(layers)" in line] == ["1/3", "2/3", "3/3"]
