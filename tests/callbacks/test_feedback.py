@@ -53,7 +53,19 @@ def test_log_reporter_writes_start_deciles_and_end(caplog) -> None:
     lines = [rec.getMessage() for rec in caplog.records]
     assert lines[0] == "X: synflow rounds 1/100 (density 0.5)"
     assert lines[-1] == "X: synflow rounds 100/100 (density 0.5)"
-    assert [int(line.split()[3].split("/")[0]) for line in lines] == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert [int(line.split()[3].split("/")[0]) for line in lines] == [
+        1,
+        10,
+        20,
+        30,
+        40,
+        50,
+        60,
+        70,
+        80,
+        90,
+        100,
+    ]
 
 
 def test_progress_bar_on_a_terminal(capsys) -> None:
