@@ -67,6 +67,14 @@ class SparseCLI(LightningCLI):
     """
 
     @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Subcommand parsers with a one-line usage: a bad value prints that line and the error, not every option
+        (``fit --help`` still lists them all)."""
+        if "description" in kwargs:  # a subcommand (fit, validate, test, predict)
+            kwargs.setdefault("usage", "%(prog)s [-h] [-c CONFIG] [--print_config] [--KEY VALUE ...]")
+        return super().init_parser(**kwargs)
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Add the ``checkpoint`` group (``ResumableCheckpoint`` arguments, ``save_last`` on by default)."""
         parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")

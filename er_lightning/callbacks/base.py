@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse.typing import restricted_number_type
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
@@ -53,7 +54,14 @@ from er_lightning.sparsity.init import he_sparse_, looks_linear_, ortho_objectiv
 from er_lightning.sparsity.progress import report, reporting
 from er_lightning.sparsity.sampling import layer_generator, sample_masks
 
-__all__ = ["SparsityCallback", "DISTRIBUTION_ALIASES", "resolve_distribution", "INIT_METHODS"]
+__all__ = [
+    "DISTRIBUTION_ALIASES",
+    "INIT_METHODS",
+    "Density",
+    "Distribution",
+    "SparsityCallback",
+    "resolve_distribution",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,33 @@ DISTRIBUTION_ALIASES: dict[str, str] = {
 }
 
 INIT_METHODS = ("default", "he_sparse", "looks_linear")
+
+if TYPE_CHECKING:
+    Density = float
+else:
+    #: A fraction of weights kept, in (0, 1]; LightningCLI rejects other values at parse time with one line.
+    Density = restricted_number_type(
+        "Density", float, [(">", 0), ("<=", 1)], docstring="a fraction of weights kept, in (0, 1]"
+    )
+
+#: Density rules and their upstream aliases (``DENSITY_METHODS`` and :data:`DISTRIBUTION_ALIASES`), as a type
+#: LightningCLI checks at parse time, listing the valid names.
+Distribution = Literal[
+    "uniform",
+    "er",
+    "erk",
+    "balanced",
+    "pyramidal",
+    "custom",
+    "ERK",
+    "ER",
+    "ER_same_params",
+    "ER_same_params_per_layer",
+    "same_params",
+    "pyramid",
+    "pyramid_sparsity",
+    "ER_init",
+]
 
 # Offsets of the seed for init and flow repair, so that they never share a random stream with mask sampling
 # (which uses the plain seed, at step 0 for the initial draw and at the update step for DST growth).
@@ -138,6 +173,8 @@ class SparsityCallback(Callback):
         flow_preservation: after drawing, connect every output and input unit that has no connection.
         ortho_repair: optimise ‖(M⊙W)(M⊙W)ᵀ − I‖_F per layer after drawing (``ortho_steps`` SGD steps at
             ``ortho_lr``).
+        ortho_steps: SGD steps of the ortho repair per layer, >= 1 (upstream 1000).
+        ortho_lr: learning rate of the ortho repair, > 0.
         rezero_every_step: also re-zero weights and optimizer state after every step (for optimizers for which
             masked gradients do not keep zeros at zero).
         verify_masks: all-gather mask checksums after every mask change and raise if ranks disagree (debugging).
@@ -162,8 +199,8 @@ class SparsityCallback(Callback):
 
     def __init__(
         self,
-        density: float = 0.1,
-        distribution: str = "erk",
+        density: Density = 0.1,
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,

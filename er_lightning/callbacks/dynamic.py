@@ -52,7 +52,7 @@ the topology has moved from its start) and, for gradual pruning, ``dst/target_de
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -62,12 +62,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback
+from er_lightning.callbacks.base import Density, Distribution, SparsityCallback
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import broadcast_masks_
 from er_lightning.sparsity.checks import check_bool, check_choice, check_density, check_int
 from er_lightning.sparsity.sampling import layer_generator
 from er_lightning.sparsity.schedules import (
+    CallableDrop,
     ConstantDrop,
     CosineDrop,
     DropSchedule,
@@ -188,8 +189,24 @@ def _check_epoch(value: object, what: str) -> float:
     return float(value)
 
 
+def _start_density(density: float | None, init_density: float | None, default: float) -> float:
+    """``density`` and its upstream spelling ``init_density`` name the same value; give one (or neither)."""
+    if density is not None and init_density is not None and density != init_density:
+        raise ValueError(
+            f"density ({density}) and init_density ({init_density}) are the same argument (the density of the "
+            "initial ER mask, upstream's init_density); give only one"
+        )
+    if density is not None:
+        return check_density(density)
+    return check_density(init_density, "init_density") if init_density is not None else default
+
+
 def _schedule_config(schedule: DropSchedule | None) -> dict[str, Any] | None:
-    return None if schedule is None else {"type": type(schedule).__name__, **asdict(schedule)}
+    if schedule is None:
+        return None
+    if isinstance(schedule, CallableDrop):  # compared on resume by the function's name
+        return {"type": "CallableDrop", "fn": schedule.name}
+    return {"type": type(schedule).__name__, **asdict(schedule)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,6 +238,8 @@ class DynamicSparsity(SparsityCallback):
 
     A subclass overrides :meth:`grow_scores` (and optionally :meth:`drop_scores`). Gradual pruning is switched on by
     :class:`GraNet` and :class:`GMP` through ``_configure_gradual``; ``REGROWS = False`` turns prune-and-regrow off.
+    The initial ER mask and engine options (``distribution``, ``sampling``, ``seed``, ``include``, ...) are exactly
+    those of :class:`~er_lightning.callbacks.base.SparsityCallback`.
 
     Args:
         density: starting overall density (fraction kept) of the ER mask, in (0, 1].
@@ -230,7 +249,8 @@ class DynamicSparsity(SparsityCallback):
             (:class:`~er_lightning.sparsity.schedules.CosineDrop`, ``ConstantDrop``, ``LinearDrop``; in YAML a
             mapping with their fields, e.g. ``{value: 0.3}`` for a constant). The RigL paper's cosine, which
             reaches 0 when updates stop, is ``CosineDrop(0.3, floor=0.0, until="stop")``
-            (``{initial: 0.3, floor: 0.0, until: stop}``).
+            (``{initial: 0.3, floor: 0.0, until: stop}``). Any function ``step -> fraction`` works too
+            (wrapped in :class:`~er_lightning.sparsity.schedules.CallableDrop`; in YAML its import path).
         stop_updates_at: fraction of training (of ``trainer.estimated_stepping_batches``) after which
             prune-and-regrow stops, in (0, 1]; RigL's 0.75 by default, 1 updates to the end.
         prune: score that decides which active weights go: ``"magnitude"`` (``|W|``) or ``"synflow"`` (data-free
@@ -240,10 +260,6 @@ class DynamicSparsity(SparsityCallback):
             pruning (upstream does); off by default, so an update really changes the topology.
         input_shape: shape of one input sample without the batch dimension, for ``prune="synflow"``; by default
             taken from ``pl_module.example_input_array`` or from the first training batch.
-        distribution, sampling, seed, include, exclude, embeddings, dense_first_layer, dense_last_layer,
-        redistribute, power_scale, custom_densities, init, flow_preservation, ortho_repair, ortho_steps, ortho_lr,
-        rezero_every_step, verify_masks, log_layer_densities: the initial ER mask and engine options, exactly as
-            in :class:`~er_lightning.callbacks.base.SparsityCallback`.
 
     Raises:
         ValueError: ``update_every_steps < 1``, ``drop_fraction`` outside [0, 1), ``stop_updates_at`` outside
@@ -265,14 +281,14 @@ class DynamicSparsity(SparsityCallback):
 
     def __init__(
         self,
-        density: float = 0.1,
+        density: Density = 0.1,
         update_every_steps: int = 100,
-        drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop = 0.3,
+        drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop | Callable[[int], float] = 0.3,
         stop_updates_at: float = 0.75,
         prune: PruneScore = "magnitude",
         allow_regrow_dropped: bool = False,
         input_shape: list[int] | None = None,
-        distribution: str = "erk",
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,
@@ -813,12 +829,12 @@ class RigL(DynamicSparsity):
     both exist only in this mode. Sparse momentum's redistribution of weights across layers is not done: each
     layer keeps its count, as in RigL.
 
+    The other options are those of :class:`DynamicSparsity`.
+
     Args:
         growth: ``"gradient"`` (RigL: ``|g|`` of this step) or ``"momentum"`` (``|m|``, see above).
         growth_momentum: ``β`` of the dense-gradient average for ``growth="momentum"``, in [0, 1) (sparse
             momentum's 0.9); ``β = 0`` ranks by ``|g|`` like ``"gradient"``. Ignored for ``growth="gradient"``.
-        density, update_every_steps, drop_fraction, stop_updates_at, prune, allow_regrow_dropped, input_shape, and
-        the initial-mask options: see :class:`DynamicSparsity`.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -829,16 +845,16 @@ class RigL(DynamicSparsity):
 
     def __init__(
         self,
-        density: float = 0.1,
+        density: Density = 0.1,
         update_every_steps: int = 100,
-        drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop = 0.3,
+        drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop | Callable[[int], float] = 0.3,
         stop_updates_at: float = 0.75,
         growth: Growth = "gradient",
         growth_momentum: float = 0.9,
         prune: PruneScore = "magnitude",
         allow_regrow_dropped: bool = False,
         input_shape: list[int] | None = None,
-        distribution: str = "erk",
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,
@@ -1005,8 +1021,12 @@ class GraNet(RigL):
     steps/epoch, 160 epochs, ``update_every_steps=1000``, window 0 → 110): pruning at updates 1…49 (steps
     1000…49000), ``d(1) = 0.0094601``, …, ``d(48) = 0.00100008``, ``d(49) = 0.001``.
 
+    The other options (``growth``, ``update_every_steps``, ``prune``, the initial-mask options) are those of
+    :class:`RigL` and :class:`DynamicSparsity`.
+
     Args:
-        init_density: starting density of the ER mask, ``d_i``.
+        init_density: starting density ``d_i`` of the ER mask (upstream's name; the same as ``density``, give one
+            of them; default 0.5).
         final_density: density reached at the end of the window, ``d_f <= d_i``.
         prune_start_epoch: epoch at which gradual pruning starts (upstream ``--init-prune-epoch``, 0).
         prune_end_epoch: epoch at which ``final_density`` is reached (upstream ``--final-prune-epoch``, 110), or
@@ -1014,8 +1034,8 @@ class GraNet(RigL):
         scope: ``"global"`` (upstream ``GraNet``) or ``"layerwise"`` (upstream ``GraNet_uniform``).
         drop_fraction: as in :class:`DynamicSparsity`; upstream's ``--prune-rate`` 0.5 by default.
         stop_updates_at: when prune-and-regrow stops, fraction of training; default 1.0.
-        growth, growth_momentum, update_every_steps, prune, allow_regrow_dropped, input_shape, and the initial-mask
-            options: see :class:`RigL` and :class:`DynamicSparsity`.
+        density: starting density of the ER mask, as ``density`` means for every callback (the same as
+            ``init_density``).
 
     Example:
         >>> import pytorch_lightning as pl
@@ -1027,20 +1047,20 @@ class GraNet(RigL):
 
     def __init__(
         self,
-        init_density: float = 0.5,
-        final_density: float = 0.05,
+        init_density: Density | None = None,
+        final_density: Density = 0.05,
         prune_start_epoch: float = 0.0,
         prune_end_epoch: float | None = None,
         scope: Scope = "global",
         update_every_steps: int = 100,
-        drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop = 0.5,
+        drop_fraction: float | CosineDrop | ConstantDrop | LinearDrop | Callable[[int], float] = 0.5,
         stop_updates_at: float = 1.0,
         growth: Growth = "gradient",
         growth_momentum: float = 0.9,
         prune: PruneScore = "magnitude",
         allow_regrow_dropped: bool = False,
         input_shape: list[int] | None = None,
-        distribution: str = "erk",
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,
@@ -1060,9 +1080,10 @@ class GraNet(RigL):
         verify_masks: bool = False,
         log_layer_densities: bool = False,
         compute: Literal["dense", "sparse", "auto"] = "dense",
+        density: Density | None = None,
     ) -> None:
         super().__init__(
-            density=init_density,
+            density=_start_density(density, init_density, 0.5),
             update_every_steps=update_every_steps,
             drop_fraction=drop_fraction,
             stop_updates_at=stop_updates_at,
@@ -1109,14 +1130,20 @@ class GMP(DynamicSparsity):
     upstream ``GMP``) or each layer's share (``"layerwise"``, upstream ``GMP_uniform``); the window, the cubic
     schedule and the exact end are as in :class:`GraNet`. Weights never come back.
 
+    The initial-mask and engine options are those of :class:`~er_lightning.callbacks.base.SparsityCallback`
+    (irrelevant for the mask when starting dense).
+
     Args:
-        init_density: starting density ``d_i`` (1 = dense).
+        init_density: starting density ``d_i`` (upstream's name; the same as ``density``, give one of them;
+            default 1 = dense).
         final_density: density reached at the end of the window, ``d_f <= d_i``.
-        prune_start_epoch, prune_end_epoch, scope: the window and scope, as in :class:`GraNet`.
+        prune_start_epoch: epoch at which gradual pruning starts, as in :class:`GraNet`.
+        prune_end_epoch: epoch at which ``final_density`` is reached, or ``None`` for the end of training.
+        scope: ``"global"`` (upstream ``GMP``) or ``"layerwise"`` (upstream ``GMP_uniform``).
         update_every_steps: optimizer steps between pruning events.
-        prune: ``"magnitude"`` or ``"synflow"`` (see :class:`DynamicSparsity`); input_shape for the latter.
-        distribution, ..., log_layer_densities: the initial-mask and engine options of
-            :class:`~er_lightning.callbacks.base.SparsityCallback` (irrelevant for the mask when starting dense).
+        prune: ``"magnitude"`` or ``"synflow"`` (see :class:`DynamicSparsity`).
+        input_shape: shape of one input sample, for ``prune="synflow"`` (see :class:`DynamicSparsity`).
+        density: starting density, as ``density`` means for every callback (the same as ``init_density``).
 
     Example:
         >>> import pytorch_lightning as pl
@@ -1129,15 +1156,15 @@ class GMP(DynamicSparsity):
 
     def __init__(
         self,
-        init_density: float = 1.0,
-        final_density: float = 0.05,
+        init_density: Density | None = None,
+        final_density: Density = 0.05,
         prune_start_epoch: float = 0.0,
         prune_end_epoch: float | None = None,
         scope: Scope = "global",
         update_every_steps: int = 100,
         prune: PruneScore = "magnitude",
         input_shape: list[int] | None = None,
-        distribution: str = "erk",
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,
@@ -1157,9 +1184,10 @@ class GMP(DynamicSparsity):
         verify_masks: bool = False,
         log_layer_densities: bool = False,
         compute: Literal["dense", "sparse", "auto"] = "dense",
+        density: Density | None = None,
     ) -> None:
         super().__init__(
-            density=init_density,
+            density=_start_density(density, init_density, 1.0),
             update_every_steps=update_every_steps,
             stop_updates_at=1.0,
             prune=prune,

@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import Tensor
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback
+from er_lightning.callbacks.base import Density, Distribution, SparsityCallback
 from er_lightning.masking.io import save_masks
 from er_lightning.sparsity.checks import check_bool
 from er_lightning.sparsity.topk import exact_count, global_topk_masks, topk_mask
@@ -119,8 +119,8 @@ class IterativeMagnitudePruning(SparsityCallback):
         rewind_optimizer: bool = False,
         reset_lr_schedule: bool = True,
         save_dir: str | None = None,
-        density: float = 1.0,
-        distribution: str = "erk",
+        density: Density = 1.0,
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         include: list[str] | None = None,

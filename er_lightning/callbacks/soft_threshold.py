@@ -41,7 +41,7 @@ from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from er_lightning.callbacks.base import INIT_METHODS, SparsityCallback
+from er_lightning.callbacks.base import INIT_METHODS, Density, Distribution, SparsityCallback
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import is_distributed, verify_masks_agree
 from er_lightning.masking.io import save_masks
@@ -109,6 +109,10 @@ def scheduled_density(
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The density rules plus ``str_induced`` (densities exported by an earlier STR run).
+STRDistribution = Literal[Distribution, "str_induced"]
 
 
 class SoftThreshold(SparsityCallback):
@@ -210,13 +214,13 @@ class SoftThreshold(SparsityCallback):
 
     def __init__(
         self,
-        density: float | None = 0.1,
-        distribution: str = "erk",
+        density: Density | None = 0.1,
+        distribution: STRDistribution = "erk",
         s_init: float = -200.0,
         per_channel: bool = False,
         sparse_function: SparseFunction = "sigmoid",
         densities_file: str | None = None,
-        target_density: float | None = None,
+        target_density: Density | None = None,
         target_schedule: TargetSchedule = "cosine",
         target_start: float = 0.0,
         target_end: float = 1.0,

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback
+from er_lightning.callbacks.base import Density, Distribution, SparsityCallback
 from er_lightning.callbacks.feedback import progress_reporter
 from er_lightning.masking.io import load_masks
 from er_lightning.sparsity.checks import check_int
@@ -37,6 +37,8 @@ __all__ = ["SOURCE_DISTRIBUTIONS", "StaticSparsity", "training_step_loss"]
 
 #: Distributions whose layer-wise densities come from a source mask rather than a density rule.
 SOURCE_DISTRIBUTIONS: tuple[str, ...] = ("snip", "grasp", "synflow", "magnitude", "from_mask")
+#: The density rules plus the score- and file-derived ratios, checked by LightningCLI at parse time.
+StaticDistribution = Literal[Distribution, "snip", "grasp", "synflow", "magnitude", "from_mask"]
 #: Sources that read training batches.
 _DATA_SOURCES = ("snip", "grasp")
 
@@ -135,8 +137,8 @@ class StaticSparsity(SparsityCallback):
 
     def __init__(
         self,
-        density: float = 0.1,
-        distribution: str = "erk",
+        density: Density = 0.1,
+        distribution: StaticDistribution = "erk",
         placement: Literal["random", "scores"] = "random",
         mask_file: str | None = None,
         num_batches: int = 1,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
-from er_lightning.callbacks.base import SparsityCallback, _stream_seed
+from er_lightning.callbacks.base import Density, Distribution, SparsityCallback, _stream_seed
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import verify_masks_agree
 from er_lightning.masking.flops import FlopsCount
@@ -88,8 +88,9 @@ class Supermask(SparsityCallback):
             (0, ``er_density``].
         er_density: density of the random ER mask (upstream ``--er-init-density``), in (0, 1]. ``1`` is plain
             edge-popup.
-        distribution: layer-wise rule for the ER mask (``uniform`` as upstream, or ``er``, ``erk``, ``balanced``,
-            ``pyramidal``, ``custom``; see :class:`~er_lightning.callbacks.base.SparsityCallback`). ``k`` is the
+        distribution: layer-wise rule for the ER mask: ``erk`` by default, as for every callback (upstream's
+            ``uniform`` is what the ``configs/er_slt`` files set), or ``er``, ``balanced``, ``pyramidal``,
+            ``custom``; see :class:`~er_lightning.callbacks.base.SparsityCallback`. ``k`` is the
             same in every layer; a layer whose ER mask holds fewer than ``⌊k · n_l⌋`` entries keeps all of them.
         sampling: ``"exact"`` ER masks hold ``round(d_l · n_l)`` entries; ``"bernoulli"`` draws each entry
             (upstream).
@@ -145,9 +146,9 @@ class Supermask(SparsityCallback):
 
     def __init__(
         self,
-        density: float = 0.2,
-        er_density: float = 0.5,
-        distribution: str = "uniform",
+        density: Density = 0.2,
+        er_density: Density = 0.5,
+        distribution: Distribution = "erk",
         sampling: Literal["exact", "bernoulli"] = "exact",
         seed: int = 0,
         scope: Literal["layer", "global"] = "layer",

@@ -29,11 +29,13 @@ an update every 1000 steps, density 0.01 → 0.001 between epochs 0 and 110)::
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
     "DEFAULT_DROP_FLOOR",
+    "CallableDrop",
     "ConstantDrop",
     "CosineDrop",
     "DecayEnd",
@@ -198,28 +200,60 @@ class LinearDrop:
         return round(self.initial + (self.final - self.initial) * t, 15)
 
 
+@dataclass(frozen=True)
+class CallableDrop:
+    """Any function ``step -> fraction`` as a drop schedule; the fraction is checked to lie in [0, 1).
+
+    Args:
+        fn: called with the optimizer step (``trainer.global_step``) of each update.
+
+    Example:
+        >>> halving = CallableDrop(lambda step: 0.4 * 0.5 ** (step // 1000))
+        >>> halving(2500, 10000)
+        0.1
+    """
+
+    fn: Callable[[int], float]
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"CallableDrop needs a function step -> fraction, got {self.fn!r}")
+
+    @property
+    def name(self) -> str:
+        """``module.qualname`` of the function (what checkpoints compare on resume)."""
+        return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', type(self.fn).__name__)}"
+
+    def __call__(self, step: int, total_steps: float, stop_step: float | None = None) -> float:
+        """``fn(step)``, checked."""
+        return _check_fraction(self.fn(step), f"drop_fraction({step}) from {self.name}")
+
+
 #: Any drop-fraction schedule: called as ``schedule(step, total_steps, stop_step=...)``, returns a fraction in
 #: [0, 1).
-DropSchedule = CosineDrop | ConstantDrop | LinearDrop
+DropSchedule = CosineDrop | ConstantDrop | LinearDrop | CallableDrop
 
 
-def as_drop_schedule(value: float | DropSchedule) -> DropSchedule:
+def as_drop_schedule(value: float | DropSchedule | Callable[[int], float]) -> DropSchedule:
     """Turn a callback's ``drop_fraction`` argument into a schedule object.
 
     A plain number ``p0`` means upstream's cosine decay from ``p0`` to ``min(p0, 0.005)``
     (:data:`DEFAULT_DROP_FLOOR`; the floor is lowered to ``p0`` when ``p0`` is smaller, so the fraction never
-    rises). Schedule objects pass through unchanged.
+    rises). Schedule objects pass through unchanged; any other callable ``step -> fraction`` is wrapped in
+    :class:`CallableDrop`.
 
     Raises:
         ValueError: a number outside [0, 1).
         TypeError: anything else (the message lists what is accepted).
     """
-    if isinstance(value, (CosineDrop, ConstantDrop, LinearDrop)):
+    if isinstance(value, (CosineDrop, ConstantDrop, LinearDrop, CallableDrop)):
         return value
+    if callable(value):
+        return CallableDrop(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
-            "drop_fraction must be a number in [0, 1) (cosine decay to 0.005) or a CosineDrop, ConstantDrop or "
-            f"LinearDrop, got {type(value).__name__} {value!r}"
+            "drop_fraction must be a number in [0, 1) (cosine decay to 0.005), a CosineDrop, ConstantDrop or "
+            f"LinearDrop, or a function step -> fraction, got {type(value).__name__} {value!r}"
         )
     p0 = _check_fraction(value, "drop_fraction")
     return CosineDrop(p0, min(p0, DEFAULT_DROP_FLOOR))

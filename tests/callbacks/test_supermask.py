@@ -167,7 +167,7 @@ def test_straight_through_gradient_is_grad_times_weight_times_sign():
 
 # ---------------------------------------------------------------------------------------------- callback setup
 def test_setup_masks_exact_counts_inside_the_er_support(tmp_path, tiny_module):
-    cb = Supermask(density=0.2, er_density=0.5, seed=3)
+    cb = Supermask(density=0.2, er_density=0.5, distribution="uniform", seed=3)
     _setup(cb, tiny_module, tmp_path)
     static = StaticSparsity(density=0.5, distribution="uniform", seed=3)
     _setup(static, PlainModule(), tmp_path)
