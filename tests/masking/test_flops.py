@@ -159,3 +159,22 @@ def test_supermask_counts_b_forward_and_the_er_support_gradient(tmp_path) -> Non
     assert float(trainer.callback_metrics["flops/train_step_ratio"]) == pytest.approx(
         (2 * r_b + r_er) / 3, rel=1e-6
     )
+
+
+def test_sparse_compute_layers_are_counted_as_their_dense_ops_scale(tmp_path, tiny_module) -> None:
+    # compute="sparse" routes the masked layers through kernels FlopCounterMode cannot see; the count forces the
+    # dense path for its one forward, so the numbers are those of the dense-formula accounting
+    from pytorch_lightning.callbacks import Callback
+
+    cb = StaticSparsity(density=0.2, seed=0, compute="sparse")
+    calls: list[int] = []
+
+    class SparseCalls(Callback):
+        def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+            calls.extend(r.sparse_calls for r in cb.router.routes.values())
+
+    trainer = make_trainer(tmp_path, [cb, SparseCalls()], max_steps=2)
+    trainer.fit(tiny_module, train_dataloaders=random_loader())
+    ratio, _ = _expected_ratio(tiny_module, cb.masked.masks)
+    assert float(trainer.callback_metrics["flops/inference_ratio"]) == pytest.approx(ratio, rel=1e-6)
+    assert calls and all(c > 0 for c in calls)  # training itself ran through the sparse kernels
