@@ -715,10 +715,10 @@ class SparsityCallback(Callback):
     def weight_gradient_flops(self, flops: FlopsCount, step: int) -> float | None:
         """Hook: FLOPs of the weight gradient of the step before optimizer step ``step + 1``.
 
-        ``None`` means a sparse weight gradient, as costly as the sparse forward (RigL App. H); on steps that
-        need the dense weight gradient (:meth:`needs_dense_gradients`, e.g. RigL's growth) it is ``flops.dense``.
+        ``None`` (default) means a sparse weight gradient, as costly as the sparse forward (RigL App. H); a method
+        whose rule reads the dense weight gradient (RigL's growth) returns ``flops.dense`` on those steps.
         """
-        return float(flops.dense) if self._dense_gradient_step else None
+        return None
 
     def refresh_flops_(self) -> None:
         """Recount the active weights for the FLOPs accounting; call after every mask change."""
@@ -831,7 +831,7 @@ class SparsityCallback(Callback):
             metrics.update(extra)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step if step is None else step)
-        self.figures.mask_change(trainer, self.current_masks(), self.density_targets())
+        self.figures.mask_change(trainer, self.current_masks(), self.density_targets(), step=step)
 
     def density_targets(self) -> dict[str, float]:
         """Per-layer targets marked in the density figure (the drawn ER densities; subclasses refine)."""

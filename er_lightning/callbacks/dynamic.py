@@ -65,6 +65,7 @@ from typing_extensions import override
 from er_lightning.callbacks.base import Density, Distribution, SparsityCallback
 from er_lightning.callbacks.progress import StepUnitGuard
 from er_lightning.masking.dist import broadcast_masks_
+from er_lightning.masking.flops import FlopsCount
 from er_lightning.sparsity.checks import check_bool, check_choice, check_density, check_int
 from er_lightning.sparsity.sampling import layer_generator
 from er_lightning.sparsity.schedules import (
@@ -991,6 +992,11 @@ class RigL(DynamicSparsity):
                 grads.append(p.grad)
         if bufs:
             torch._foreach_lerp_(bufs, grads, 1.0 - self.growth_momentum)
+
+    @override
+    def weight_gradient_flops(self, flops: FlopsCount, step: int) -> float | None:
+        """Growth by the dense gradient (or its momentum) reads the dense weight gradient on those steps."""
+        return float(flops.dense) if self._dense_gradient_step else None
 
     @override
     def grow_scores(self, name: str, weight: Tensor, grad: Tensor | None, step: int) -> Tensor:

@@ -215,15 +215,20 @@ class FigureWriter:
 
     @torch.no_grad()
     def mask_change(
-        self, trainer: pl.Trainer, masks: Mapping[str, Tensor], targets: Mapping[str, float]
+        self,
+        trainer: pl.Trainer,
+        masks: Mapping[str, Tensor],
+        targets: Mapping[str, float],
+        step: int | None = None,
     ) -> None:
-        """Record the densities (a heat-map column) and write the density bar chart at ``trainer.global_step``."""
+        """Record the densities (a heat-map column) and write the density bar chart at ``step``
+        (``trainer.global_step`` by default)."""
         names = list(masks)
         if not names:
             return
         kept = torch.stack([torch.count_nonzero(m).cpu() for m in masks.values()]).tolist()
         densities = {n: k / masks[n].numel() for n, k in zip(names, kept)}
-        step = trainer.global_step
+        step = trainer.global_step if step is None else step
         self.record(step, densities)
         writers = tensorboard_writers(trainer)
         if not writers:
