@@ -344,6 +344,21 @@ class SparsityCallback(Callback):
             )
         return [n for n in order if n in names]
 
+    def refuse_shared_(self, pl_module: pl.LightningModule, names: Sequence[str]) -> None:
+        """Raise if a tensor in ``names`` is shared by several modules (for callbacks that parametrize weights).
+
+        A parametrization replaces a tensor on one module; another module holding the same ``nn.Parameter`` (a
+        tied head) would keep using the plain tensor, so the two uses would silently differ.
+        """
+        aliases = parameter_aliases(pl_module)
+        shared = {n: aliases[n] for n in names if n in aliases}
+        if shared:
+            raise ValueError(
+                f"{type(self).__name__} attaches a parametrization to one module, but these tensors are shared with "
+                f"other modules, which would keep using the unmasked tensor: {shared}. Leave them dense "
+                "(exclude=[...]) or untie them"
+            )
+
     def _warn_large_dense(self, pl_module: pl.LightningModule) -> None:
         """Warn, listing them, about large tensors (>= 10 % of all parameters) the default rule leaves dense."""
         if self.include:

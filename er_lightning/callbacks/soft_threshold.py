@@ -363,6 +363,7 @@ class SoftThreshold(SparsityCallback):
                     f"the model already carries soft-threshold parametrizations on {present} (from another "
                     "SoftThreshold callback). Use a fresh model, or SoftThreshold.finalize(model) to get a plain one"
                 )
+            self.refuse_shared_(pl_module, self.select(pl_module))
             stacked = [
                 n
                 for n in self.select(pl_module)

@@ -288,6 +288,7 @@ class Supermask(SparsityCallback):
     def _owners(
         self, pl_module: pl.LightningModule, names: Sequence[str]
     ) -> dict[str, tuple[nn.Module, str]]:
+        self.refuse_shared_(pl_module, names)
         owners: dict[str, tuple[nn.Module, str]] = {}
         params = dict(pl_module.named_parameters())
         for name in names:

@@ -12,7 +12,7 @@ from conftest import PlainModule, make_trainer, random_loader
 from torch import nn
 
 from er_lightning import SparseLightningModule
-from er_lightning.callbacks import RigL, StaticSparsity
+from er_lightning.callbacks import RigL, SoftThreshold, StaticSparsity, Supermask
 from er_lightning.data import SyntheticTokensDataModule
 from er_lightning.masking.masked import count_zeros
 from er_lightning.sparsity import layer_densities
@@ -292,3 +292,44 @@ def test_synflow_and_grasp_run_on_the_lm(tmp_path, criterion):
         # placement="random": ER masks with the criterion's layer ratios, exact count per tensor
         assert int(mask.sum()) == exact_count(cb.target_densities[name], mask.numel())
         assert (dict(module.named_parameters())[name][~mask] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- parametrizing callbacks
+@pytest.mark.parametrize("callback", [Supermask, SoftThreshold])
+def test_parametrizing_callbacks_refuse_a_tied_tensor(tmp_path, callback):
+    module = _lm()
+    cb = callback()
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.strategy.connect(module)
+    module.trainer = trainer  # type: ignore[misc]
+    with pytest.raises(
+        ValueError, match=r"shared with other modules.*'model.token.weight': \['model.head.weight'\]"
+    ):
+        cb.setup(trainer, module, "fit")
+    cb = callback(exclude=["*.token.weight"])
+    trainer = make_trainer(tmp_path, [cb])
+    module = _lm()
+    trainer.strategy.connect(module)
+    module.trainer = trainer  # type: ignore[misc]
+    cb.setup(trainer, module, "fit")
+    assert "model.token.weight" not in cb.masked.names
+
+
+def test_checkpoints_without_the_embeddings_key_load_with_its_default(tmp_path):
+    module = _lm()
+    cb = StaticSparsity(density=0.2)
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.strategy.connect(module)
+    module.trainer = trainer  # type: ignore[misc]
+    cb.setup(trainer, module, "fit")
+    state = cb.state_dict()
+    del state["config"]["embeddings"]  # written before the option existed
+    cb.load_state_dict(state)
+    other = StaticSparsity(density=0.2, embeddings=True)
+    trainer = make_trainer(tmp_path, [other])
+    module = _lm()
+    trainer.strategy.connect(module)
+    module.trainer = trainer  # type: ignore[misc]
+    other.setup(trainer, module, "fit")
+    with pytest.raises(ValueError, match="embeddings: checkpoint False vs now True"):
+        other.load_state_dict(state)
