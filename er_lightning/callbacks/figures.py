@@ -188,7 +188,7 @@ class FigureWriter:
     Args:
         method: the callback's name, shown in figure titles.
         topology: also draw the heat map and the dead-unit chart at epoch ends (methods whose masks move: DST,
-            STR). Drawing a figure costs about 0.1 s, so the bar chart is drawn at mask changes and the rest at
+            STR). Drawing a figure takes a good fraction of a second on a CPU, so the bar chart is drawn at mask changes and the rest at
             epoch ends.
 
     Example:
