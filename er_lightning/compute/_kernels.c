@@ -299,6 +299,19 @@ static inline void transpose16(vf r[16]) {
     }
 }
 
+/* pix[q] = offset of input pixel q = h*W + w inside channel 0's phase planes, or -1 when it lies past them
+ * (the caller frees the table). */
+static int64_t *phase_pixels(int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_t pt,
+                             int64_t pl, int64_t Hq, int64_t Wq) {
+    const int64_t HW = H * W;
+    int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
+    for (int64_t q = 0; q < HW; q++) {
+        const int64_t hp = q / W + pt, wp = q % W + pl, i = hp / sh, j = wp / sw;
+        pix[q] = (i < Hq && j < Wq) ? ((((hp % sh) * sw + wp % sw) * C * Hq + i) * Wq + j) * B : -1;
+    }
+    return pix;
+}
+
 /* NCHW x (B, C, H, W) -> phase planes out (sh*sw, C, Hq, Wq, B), zero where the padded input has no pixel:
  * out[ph*sw + pw][c][i][j][b] = x[b][c][i*sh + ph - pt][j*sw + pw - pl]. */
 void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
@@ -327,11 +340,7 @@ void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_
     /* 2. every input pixel that lands in the planes. pix[q] = offset of pixel q = h*W + w inside channel 0's
      * planes (-1 when it lies past them); 16 batch rows x 16 pixels are transposed in registers at a time. */
     const int64_t HW = H * W, cstride = Hq * Wq * B;
-    int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
-    for (int64_t q = 0; q < HW; q++) {
-        const int64_t hp = q / W + pt, wp = q % W + pl, i = hp / sh, j = wp / sw;
-        pix[q] = (i < Hq && j < Wq) ? ((((hp % sh) * sw + wp % sw) * C * Hq + i) * Wq + j) * B : -1;
-    }
+    int64_t *pix = phase_pixels(B, C, H, W, sh, sw, pt, pl, Hq, Wq);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; c++) {
         float *oc = out + c * cstride;
@@ -392,11 +401,7 @@ void er_unpack_out(const float *y, const float *bias, float *out, int64_t B, int
 void er_unpack_grad(const float *g, float *dx, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
                     int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
     const int64_t HW = H * W, cstride = Hq * Wq * B;
-    int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
-    for (int64_t q = 0; q < HW; q++) {
-        const int64_t hp = q / W + pt, wp = q % W + pl, i = hp / sh, j = wp / sw;
-        pix[q] = (i < Hq && j < Wq) ? ((((hp % sh) * sw + wp % sw) * C * Hq + i) * Wq + j) * B : -1;
-    }
+    int64_t *pix = phase_pixels(B, C, H, W, sh, sw, pt, pl, Hq, Wq);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; c++) {
         const float *gc = g + c * cstride;
