@@ -657,6 +657,21 @@ class SparsityCallback(Callback):
                 "replace layers in __init__ instead"
             )
 
+    def _rebind_parametrized(self, pl_module: pl.LightningModule, what: str) -> None:
+        """Rebind for callbacks whose layers carry a parametrization: a replaced layer has lost it, so raise.
+
+        Raises:
+            RuntimeError: a masked parameter is a new tensor object (names the layers).
+        """
+        assert self.masked is not None
+        replaced = self.masked.rebind_(original_named_parameters(pl_module))
+        if replaced:
+            raise RuntimeError(
+                f"{type(self).__name__}: parameters {replaced} were replaced after setup (in the module's setup, "
+                f"configure_model or on_fit_start), which removed their {what}; the layer would train without it. "
+                "Build or replace layers in the module's __init__, before the callback's setup"
+            )
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the module's own on_fit_start ran after ours: catch a layer it replaced

@@ -431,8 +431,7 @@ class SoftThreshold(SparsityCallback):
         if self.masked is None:
             raise RuntimeError(f"{type(self).__name__}.setup did not run before fit")
         # The masked weights are now <module>.parametrizations.<name>.original; masks keep the original FQNs.
-        params = original_named_parameters(pl_module)
-        self.masked.rebind_(params)
+        self._rebind_parametrized(pl_module, "soft-threshold parametrization")
         self.masked.apply_()
         if self.verify_masks:
             verify_masks_agree(self.masked.masks, trainer.strategy.root_device)
@@ -454,6 +453,10 @@ class SoftThreshold(SparsityCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.masked is not None
+        self._rebind_parametrized(
+            pl_module, "soft-threshold parametrization"
+        )  # after the module's on_fit_start
         if self.start_density is None:
             self.start_density = self.effective_global_density()
         self.log_densities(trainer, setup=True)

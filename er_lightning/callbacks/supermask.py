@@ -29,7 +29,7 @@ from er_lightning.masking.supermask import (
     init_scores,
     kept_count,
 )
-from er_lightning.masking.targets import original_fqn, original_named_parameters
+from er_lightning.masking.targets import original_fqn
 from er_lightning.sparsity.anneal import annealed_densities, level_at_step
 from er_lightning.sparsity.checks import check_bool, check_density
 from er_lightning.sparsity.init import fan_in
@@ -409,7 +409,7 @@ class Supermask(SparsityCallback):
         """Point the engine at the current weight objects and keep each support on its weight's device."""
         if self.masked is None:
             return
-        self.masked.rebind_(original_named_parameters(pl_module))
+        self._rebind_parametrized(pl_module, "score parametrization")
         for name, p in self.weight_masks.items():
             p.support = self.masked.masks[name]
         if self.selector is not None:
@@ -493,6 +493,7 @@ class Supermask(SparsityCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._place(pl_module)  # after the module's own on_fit_start: a layer replaced there raises
         if self.levels > 1:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):

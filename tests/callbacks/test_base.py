@@ -145,6 +145,39 @@ def test_layer_replaced_with_another_shape_in_setup_names_it(tmp_path) -> None: 
         )
 
 
+class _NewConv2(PlainModule):
+    def __init__(self, hook: str) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def _replace(self) -> None:
+        self.net.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)  # same shape, no parametrization
+
+    def setup(self, stage: str) -> None:
+        if self.hook == "setup":
+            self._replace()
+
+    def on_fit_start(self) -> None:
+        if self.hook == "on_fit_start":
+            self._replace()
+
+
+@pytest.mark.parametrize("hook", ["setup", "on_fit_start"])
+@pytest.mark.parametrize(
+    "make, lost",
+    [
+        (lambda: Supermask(density=0.2, er_density=0.5), "score parametrization"),
+        (lambda: SoftThreshold(density=0.5, s_init=-5.0), "soft-threshold parametrization"),
+    ],
+    ids=["supermask", "soft_threshold"],
+)
+def test_parametrized_layer_replaced_after_setup_raises(tmp_path, hook: str, make, lost: str) -> None:  # noqa: ANN001
+    with pytest.raises(
+        RuntimeError, match=rf"\['net\.conv2\.weight'\] were replaced after setup .* removed their {lost}"
+    ):
+        make_trainer(tmp_path, [make()], max_steps=1).fit(_NewConv2(hook), random_loader())
+
+
 # ------------------------------------------------------------------------------------------------ #8 empty models
 def test_a_density_that_keeps_nothing_raises(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=r"keeps no weight in any of the 3 masked layers \(1528 weights\)"):
