@@ -31,9 +31,12 @@ import time
 import warnings
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
-from bench_step import StepTimer, _loader  # the sibling script: same timer and repeated-batch loader
+from bench_step import (  # the sibling script: same timer and repeated-batch loader
+    StepTimer,
+    _loader,
+    bench_trainer,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -203,18 +206,7 @@ def table_train(args: argparse.Namespace) -> None:
             timers = {k: StepTimer(torch.device("cpu")) for k in variants}
             for _ in range(args.reps):
                 for k, cbs in variants.items():
-                    trainer = pl.Trainer(
-                        accelerator="cpu",
-                        devices=1,
-                        max_steps=args.steps,
-                        logger=False,
-                        enable_checkpointing=False,
-                        enable_progress_bar=False,
-                        enable_model_summary=False,
-                        num_sanity_val_steps=0,
-                        limit_val_batches=0,
-                        callbacks=[*cbs, timers[k]],
-                    )
+                    trainer = bench_trainer("cpu", args.steps, [*cbs, timers[k]])
                     trainer.fit(mods[k], _loader(x, y, args.steps))
             med = {}
             for k, t in timers.items():

@@ -124,6 +124,25 @@ class Variant:
     peak_bytes: int = 0
 
 
+def bench_trainer(
+    accelerator: str, steps: int, callbacks: list[Callback], precision: str = "32-true"
+) -> pl.Trainer:
+    """A Trainer that only trains: no logger, checkpoints, progress bar, summary or validation."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        precision=precision,
+        callbacks=callbacks,
+    )
+
+
 def _try_callback(path: str) -> type | None:
     module, _, cls = path.rpartition(".")
     try:
@@ -205,19 +224,7 @@ def run(args: argparse.Namespace, dynamic_only: bool = False) -> list[dict[str, 
             assert v.module is not None and v.timer is not None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            trainer = pl.Trainer(
-                accelerator=accelerator,
-                devices=1,
-                max_steps=args.steps,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                limit_val_batches=0,
-                precision=args.precision,
-                callbacks=[*v.callbacks, v.timer],
-            )
+            trainer = bench_trainer(accelerator, args.steps, [*v.callbacks, v.timer], args.precision)
             trainer.fit(v.module, _loader(x, y, args.steps))
             if device.type == "cuda":
                 v.peak_bytes = max(v.peak_bytes, torch.cuda.max_memory_allocated(device))
