@@ -183,12 +183,6 @@ void er_gather(const float *w, const int64_t *idx, int64_t n, float *vals, int n
     for (int64_t k = 0; k < n; k++) vals[k] = w[idx[k]];
 }
 
-/* g[idx[k]] = vals[k] (the weight gradient at active positions) */
-void er_scatter(float *g, const int64_t *idx, int64_t n, const float *vals, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
-    for (int64_t k = 0; k < n; k++) g[idx[k]] = vals[k];
-}
-
 void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *dw, int64_t plane, int64_t row,
                 int64_t col, int64_t *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
@@ -219,36 +213,49 @@ void er_spmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const f
     }
 }
 
-/* dvals[k] = sum_{i < n_i, u < L} dy[r*dy_plane + i*dy_row + u] * x[offs[k] + i*x_row + u], k in row r */
+/* The weight gradient at the active weights: for k in row r,
+ *     g_k = sum_{i < n_i, u < L} dy[r*dy_plane + i*dy_row + u] * x[offs[k] + i*x_row + u],
+ * written to dst[didx[k]] (straight into a dense gradient of the weight's shape), or to dst[k] when didx is NULL.
+ * Bands of rows run one after another and the rows of a band are split over the threads, so every row belongs to
+ * one thread at a time: no per-thread copies of the result and no reduction (the first band stores, the others
+ * add). */
 void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const float *dy, int64_t dy_plane,
-              int64_t dy_row, const float *x, int64_t x_row, int64_t n_i, int64_t L, int64_t band, float *dvals,
-              int nthreads) {
-    const int64_t nnz_all = row_ptr[nrows];
+              int64_t dy_row, const float *x, int64_t x_row, int64_t n_i, int64_t L, int64_t band, float *dst,
+              const int64_t *didx, int nthreads) {
     if (band < 1) band = 1;
     const int64_t nb = (n_i + band - 1) / band;
-    if (nthreads < 1) nthreads = 1;
-    float *part = (float *)calloc((size_t)nthreads * (size_t)(nnz_all > 0 ? nnz_all : 1), sizeof(float));
+    int64_t widest = 1;
+    for (int64_t r = 0; r < nrows; r++)
+        if (row_ptr[r + 1] - row_ptr[r] > widest) widest = row_ptr[r + 1] - row_ptr[r];
 #pragma omp parallel num_threads(nthreads)
     {
-        float *acc = part + (size_t)omp_get_thread_num() * (size_t)nnz_all;
-#pragma omp for collapse(2) schedule(static)
+        float *acc = (float *)malloc((size_t)widest * sizeof(float));
         for (int64_t b = 0; b < nb; b++) {
+            const int64_t i0 = b * band, i1 = (b + 1) * band < n_i ? (b + 1) * band : n_i;
+#pragma omp for schedule(dynamic, 4)
             for (int64_t r = 0; r < nrows; r++) {
                 const int64_t k0 = row_ptr[r], nnz = row_ptr[r + 1] - k0;
                 if (nnz == 0) continue;
-                const int64_t i0 = b * band, i1 = (b + 1) * band < n_i ? (b + 1) * band : n_i;
-                row_dots(acc + k0, dy + r * dy_plane + i0 * dy_row, dy_row, x + i0 * x_row, x_row, offs + k0, nnz,
+                memset(acc, 0, (size_t)nnz * sizeof(float));
+                row_dots(acc, dy + r * dy_plane + i0 * dy_row, dy_row, x + i0 * x_row, x_row, offs + k0, nnz,
                          i1 - i0, L);
+                if (didx) {
+                    const int64_t *d = didx + k0;
+                    if (b == 0)
+                        for (int64_t j = 0; j < nnz; j++) dst[d[j]] = acc[j];
+                    else
+                        for (int64_t j = 0; j < nnz; j++) dst[d[j]] += acc[j];
+                } else {
+                    float *d = dst + k0;
+                    if (b == 0)
+                        memcpy(d, acc, (size_t)nnz * sizeof(float));
+                    else
+                        for (int64_t j = 0; j < nnz; j++) d[j] += acc[j];
+                }
             }
         }
-#pragma omp for schedule(static)
-        for (int64_t k = 0; k < nnz_all; k++) {
-            float s = 0.f;
-            for (int t = 0; t < nthreads; t++) s += part[(size_t)t * nnz_all + k];
-            dvals[k] = s;
-        }
+        free(acc);
     }
-    free(part);
 }
 
 /* In-register transpose of a 16x16 block: r[i][l] -> r[l][i] (four butterfly stages of two-vector shuffles). */
@@ -299,6 +306,31 @@ static inline void transpose16(vf r[16]) {
     }
 }
 
+/* dst[c*d_ld + r] = src[r*s_ld + c] (+ bias[r] when given) for r < nr, c < nc: a blocked transpose in 16x16
+ * register tiles (the 1x1 maps of a linear layer, where the pixel tables below have nothing to vectorise). */
+static void transpose2d(const float *src, int64_t s_ld, float *dst, int64_t d_ld, int64_t nr, int64_t nc,
+                        const float *bias, int nthreads) {
+    const int64_t rb = (nr + 15) / 16, cb = (nc + 15) / 16;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static) if (nr * nc > 16384)
+    for (int64_t i = 0; i < rb; i++) {
+        for (int64_t j = 0; j < cb; j++) {
+            const int64_t r0 = i * 16, c0 = j * 16;
+            if (r0 + 16 <= nr && c0 + 16 <= nc) {
+                vf r[16];
+                for (int t = 0; t < 16; t++) r[t] = ld(src + (r0 + t) * s_ld + c0);
+                transpose16(r);
+                const vf bv = bias ? ld(bias + r0) : (vf){0};
+                for (int t = 0; t < 16; t++) st(dst + (c0 + t) * d_ld + r0, r[t] + bv);
+            } else {
+                const int64_t r1 = r0 + 16 < nr ? r0 + 16 : nr, c1 = c0 + 16 < nc ? c0 + 16 : nc;
+                for (int64_t c = c0; c < c1; c++)
+                    for (int64_t rr = r0; rr < r1; rr++)
+                        dst[c * d_ld + rr] = src[rr * s_ld + c] + (bias ? bias[rr] : 0.f);
+            }
+        }
+    }
+}
+
 /* pix[q] = offset of input pixel q = h*W + w inside channel 0's phase planes, or -1 when it lies past them
  * (the caller frees the table). */
 static int64_t *phase_pixels(int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_t pt,
@@ -317,6 +349,10 @@ static int64_t *phase_pixels(int64_t B, int64_t C, int64_t H, int64_t W, int64_t
 void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
              int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
     const int64_t P = sh * sw;
+    if (H == 1 && W == 1 && P == 1 && Hq == 1 && Wq == 1 && pt == 0 && pl == 0) { /* (B, C) -> (C, B) */
+        transpose2d(x, C, out, B, B, C, NULL, nthreads);
+        return;
+    }
     /* 1. zero every cell without a pixel (padding rows, columns, the margins past the input) */
 #pragma omp parallel for collapse(3) num_threads(nthreads) schedule(dynamic, 8)
     for (int64_t p = 0; p < P; p++) {
@@ -370,6 +406,10 @@ void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_
 void er_unpack_out(const float *y, const float *bias, float *out, int64_t B, int64_t OC, int64_t OH, int64_t OW,
                    int64_t y_row, int nthreads) {
     const int64_t HW = OH * OW;
+    if (HW == 1) { /* (OC, B) -> (B, OC) */
+        transpose2d(y, y_row, out, OC, OC, B, bias, nthreads);
+        return;
+    }
     int64_t *pix = (int64_t *)malloc((size_t)(HW > 0 ? HW : 1) * sizeof(int64_t));
     for (int64_t q = 0; q < HW; q++) pix[q] = (q / OW) * y_row + (q % OW) * B;
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
@@ -401,6 +441,10 @@ void er_unpack_out(const float *y, const float *bias, float *out, int64_t B, int
 void er_unpack_grad(const float *g, float *dx, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
                     int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
     const int64_t HW = H * W, cstride = Hq * Wq * B;
+    if (H == 1 && W == 1 && sh * sw == 1 && Hq == 1 && Wq == 1 && pt == 0 && pl == 0) { /* (C, B) -> (B, C) */
+        transpose2d(g, B, dx, C, C, B, NULL, nthreads);
+        return;
+    }
     int64_t *pix = phase_pixels(B, C, H, W, sh, sw, pt, pl, Hq, Wq);
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; c++) {

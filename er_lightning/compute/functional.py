@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -125,7 +126,9 @@ class SparseIndex:
         self.dh_t = (self.mh - dh[perm]).to(torch.int32)
         self.dw_t = (self.mw - dw[perm]).to(torch.int32)
         self._offsets: dict[tuple[bool, int, int, int], Tensor] = {}
-        self._grad_storage: Tensor | None = None
+        self._grad_storage: torch.UntypedStorage | None = None
+        #: packed inputs, outputs and input gradients of this layer, reused from step to step (see _Buffers)
+        self.buffers = _Buffers()
 
     def offsets(self, transposed: bool, plane: int, row: int, col: int) -> Tensor:
         """Per-weight flat offsets into the packed planes of one input geometry (cached)."""
@@ -147,40 +150,97 @@ class SparseIndex:
 
         A fresh dense gradient per step costs more than the whole sparse backward for large layers (page faults of
         a new allocation). The index keeps the storage of the gradient it returned last; autograd takes the
-        returned tensor as ``p.grad`` (we keep no reference to that tensor object, so it is not copied), and the
-        optimizer's ``zero_grad(set_to_none=True)`` drops it again. Inactive entries are never written (the
-        callbacks' ``mask_grads_`` keeps them zero), so the next step only overwrites the active ones. When
-        ``p.grad`` still lives in that storage (``set_to_none=False``, gradient accumulation) a fresh zero tensor
-        is returned instead and autograd adds it into ``p.grad``.
+        returned tensor as ``p.grad``, and the optimizer's ``zero_grad(set_to_none=True)`` drops it again.
+        Inactive entries are never written by the kernels (and the callbacks' ``mask_grads_`` keeps them zero),
+        so the next step only overwrites the active ones. The storage is handed out again only when nothing else
+        refers to it: while ``p.grad`` still lives there (``set_to_none=False``, gradient accumulation) or a
+        gradient of the same layer from earlier in this backward pass is still pending (a layer applied twice),
+        a fresh zero tensor is returned instead and autograd adds it in.
         """
-        buf = self._grad_storage
-        grad = weight.grad
+        st = self._grad_storage
         if (
-            buf is not None
-            and grad is not None
-            and grad.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            st is not None
+            and _storage_use_count is not None
+            and st.nbytes() == 4 * weight.numel()
+            and _storage_use_count(st._cdata) == 1
         ):
-            return torch.zeros(weight.shape, dtype=torch.float32)
-        if buf is None or buf.numel() != weight.numel():
-            buf = torch.zeros(weight.numel(), dtype=torch.float32)
-            self._grad_storage = buf
-        return buf.view(weight.shape)  # a new tensor object over the kept storage
+            return torch.empty(0, dtype=torch.float32).set_(st, 0, weight.shape)
+        grad = torch.zeros(weight.shape, dtype=torch.float32)
+        if _storage_use_count is not None and (st is None or st.nbytes() != grad.untyped_storage().nbytes()):
+            self._grad_storage = grad.untyped_storage()
+        return grad
 
     def values(self, weight: Tensor) -> Tensor:
         """The active weights in forward order (one sequential pass over the weight)."""
         w = weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
-        return self._gather(w, self.flat_index)
+        return self._gather(w, self.flat_index, self.buffers.take("vals", (self.nnz,)))
 
     def transposed_values(self, values: Tensor) -> Tensor:
-        """The active weights in input-gradient order, from :meth:`values` (a gather within the small array)."""
-        return self._gather(values, self.perm)
+        """The active weights in input-gradient order, from :meth:`values` (a gather within the small array).
 
-    def _gather(self, src: Tensor, idx: Tensor) -> Tensor:
-        out = torch.empty(self.nnz, dtype=src.dtype)
+        The result is scratch memory of the calling thread, valid until its next call.
+        """
+        return self._gather(values, self.perm, _temp("vals_t", (self.nnz,)))
+
+    def _gather(self, src: Tensor, idx: Tensor, out: Tensor) -> Tensor:
         _lib().er_gather(_ptr(src), _ptr(idx), self.nnz, _ptr(out), torch.get_num_threads())
         return out
+
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+class _Buffers:
+    """Float32 tensors whose memory is handed out again once nothing else refers to it.
+
+    A fresh multi-megabyte tensor costs a page fault per 4 KB on first touch (the kernel zero-fills each page);
+    for the packed planes and outputs of one layer that is a third of the sparse step. A buffer is reused only
+    when its storage has no other user (no tensor, view or saved-for-backward reference), so holding an output,
+    saving it for backward, retaining the graph or running a layer twice per step all get fresh memory instead.
+    ``keep`` buffers per slot stay allocated between calls.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._slots: dict[str, list[torch.UntypedStorage]] = {}
+
+    def take(self, slot: str, shape: tuple[int, ...]) -> Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        nbytes = 4 * numel
+        kept = self._slots.setdefault(slot, [])
+        if _storage_use_count is not None:
+            for st in kept:
+                if st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
+                    return torch.empty(0, dtype=torch.float32).set_(st, 0, shape)
+        out = torch.empty(shape, dtype=torch.float32)
+        kept.append(out.untyped_storage())
+        if len(kept) > self.keep:
+            kept.pop(0)
+        return out
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+
+_scratch = threading.local()
+
+
+def _temp(slot: str, shape: tuple[int, ...]) -> Tensor:
+    """A per-thread scratch tensor for a value that dies inside one kernel call (never returned or saved)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    numel = 1
+    for n in shape:
+        numel *= n
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[slot] = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel].view(shape)
 
 
 def _row_ptr(rows: Tensor, n: int) -> Tensor:
@@ -238,15 +298,15 @@ def _forward(x: Tensor, vals: Tensor, bias: Tensor | None, index: SparseIndex, p
         raise RuntimeError(f"input has {C} channels, the layer takes {index.in_channels}")
     OC, P = index.out_channels, index.phases
     Hq, Wq = OH + index.mh, OW + index.mw
-    xq = torch.empty((P, C, Hq, Wq, B), dtype=x.dtype)
+    xq = index.buffers.take("xq", (P, C, Hq, Wq, B))
     lib.er_pack(_ptr(x), _ptr(xq), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
     plane, row = Hq * Wq * B, Wq * B
     offs = index.offsets(False, plane, row, B)
     if OW * B >= 32:  # one output row per span
-        y = torch.empty((OC, OH, OW * B), dtype=x.dtype)
+        y = _temp("y", (OC, OH, OW * B))
         y_row, n_i, L = OW * B, OH, OW * B
     else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
-        y = torch.empty((OC, OH, Wq * B), dtype=x.dtype)
+        y = _temp("y", (OC, OH, Wq * B))
         y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
     band = _band(P * C, row, index.mh)
     vals = vals.contiguous()
@@ -265,7 +325,7 @@ def _forward(x: Tensor, vals: Tensor, bias: Tensor | None, index: SparseIndex, p
         band,
         nt,
     )
-    out = torch.empty((B, OC, OH, OW), dtype=x.dtype)
+    out = index.buffers.take("out", (B, OC, OH, OW))
     b = bias.detach().contiguous() if bias is not None else None
     lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
     return out, xq, (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
@@ -307,13 +367,13 @@ class _SparseConv(torch.autograd.Function):
         if g.dtype != torch.float32:
             g = g.float()
         gh, gw = OH + 2 * mh, OW + 2 * mw
-        gq = torch.empty((OC, gh, gw, B), dtype=torch.float32)
+        gq = _temp("gq", (OC, gh, gw, B))
         lib.er_pack(_ptr(g), _ptr(gq), B, OC, OH, OW, 1, 1, mh, mw, gh, gw, nt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             vals_t = index.transposed_values(vals)
             offs_t = index.offsets(True, gh * gw * B, gw * B, B)
-            gxq = torch.empty((P, C, Hq, Wq, B), dtype=torch.float32)
+            gxq = _temp("gxq", (P, C, Hq, Wq, B))
             band = _band(OC, gw * B, mh)
             # per phase plane, only the cells that hold an input pixel (the rest are padding, never read back)
             for p in range(P):
@@ -338,11 +398,11 @@ class _SparseConv(torch.autograd.Function):
                     band,
                     nt,
                 )
-            grad_x = torch.empty((B, C, H, W), dtype=torch.float32)
+            grad_x = index.buffers.take("grad_x", (B, C, H, W))
             lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
         if ctx.needs_input_grad[1]:
             offs = index.offsets(False, Hq * Wq * B, Wq * B, B)
-            dvals = torch.empty(index.nnz, dtype=torch.float32)
+            grad_w = index.grad_buffer(weight)
             band = _band(P * C, Wq * B, mh)
             dy = gq[:, mh:, mw:]  # a view: the kernel reads rows of stride gw*B from its first element
             lib.er_sddmm(
@@ -357,11 +417,10 @@ class _SparseConv(torch.autograd.Function):
                 OH,
                 OW * B,
                 band,
-                _ptr(dvals),
+                _ptr(grad_w),
+                _ptr(index.flat_index),
                 nt,
             )
-            grad_w = index.grad_buffer(weight)
-            lib.er_scatter(_ptr(grad_w), _ptr(index.flat_index), index.nnz, _ptr(dvals), nt)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None, None

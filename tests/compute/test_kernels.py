@@ -83,15 +83,27 @@ def test_conv_density_extremes_and_empty_rows():
         torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lead", [(1,), (7,), (2, 5), (3, 1, 4)])
-def test_linear_matches_dense_with_any_leading_dims(lead):
+# leading dims; widths below, at and past the 16x16 transpose tiles of the linear layout
+LINEAR_CASES = [
+    ((1,), 13, 7),
+    ((7,), 13, 7),
+    ((2, 5), 13, 7),
+    ((3, 1, 4), 13, 7),
+    ((35,), 40, 24),
+    ((64,), 48, 33),
+    ((16,), 16, 16),
+]
+
+
+@pytest.mark.parametrize("lead,fan_in,fan_out", LINEAR_CASES)
+def test_linear_matches_dense_with_any_leading_dims(lead, fan_in, fan_out):
     torch.manual_seed(1)
-    lin = torch.nn.Linear(13, 7)
+    lin = torch.nn.Linear(fan_in, fan_out)
     mask = torch.rand_like(lin.weight) < 0.4
     with torch.no_grad():
         lin.weight.mul_(mask)
     index = SparseIndex(mask)
-    x = torch.randn(*lead, 13, requires_grad=True)
+    x = torch.randn(*lead, fan_in, requires_grad=True)
     y = sparse_linear(x, lin.weight, lin.bias, index)
     torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
@@ -100,6 +112,45 @@ def test_linear_matches_dense_with_any_leading_dims(lead):
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], ref[1] * mask, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_reused_buffers_never_overwrite_memory_still_in_use():
+    """Outputs, packed inputs and input gradients come from per-layer buffers reused across steps: only once
+    nothing refers to them any more. A held output, a layer applied twice in one graph and a retained graph all
+    keep their values; a dropped output's memory is handed out again (the reuse is real)."""
+    conv, mask = _masked_conv(5, 5, (3, 3), 1, 1, 1, 0.4, seed=4)
+    index = SparseIndex(mask)
+    x1, x2 = torch.randn(3, 5, 8, 8), torch.randn(3, 5, 8, 8)
+    y1 = sparse_conv2d(x1, conv.weight, conv.bias, index, padding=1)
+    ref1 = y1.clone()
+    y2 = sparse_conv2d(x2, conv.weight, conv.bias, index, padding=1)
+    assert y1.data_ptr() != y2.data_ptr()
+    torch.testing.assert_close(y1, ref1, rtol=0, atol=0)
+    torch.testing.assert_close(y2, conv(x2), rtol=1e-5, atol=1e-5)
+    del y1, y2
+    y3 = sparse_conv2d(x1, conv.weight, conv.bias, index, padding=1)
+    kept = {st.data_ptr() for st in index.buffers._slots["out"]}
+    assert y3.data_ptr() in kept
+    torch.testing.assert_close(y3, ref1, rtol=0, atol=0)
+
+    # the same layer twice in one graph, and a retained graph run backward twice
+    x = torch.randn(2, 5, 7, 7, requires_grad=True)
+    z = sparse_conv2d(
+        torch.relu(sparse_conv2d(x, conv.weight, conv.bias, index, padding=1)),
+        conv.weight,
+        conv.bias,
+        index,
+        padding=1,
+    )
+    ref = conv(torch.relu(conv(x)))
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(z)
+    got = torch.autograd.grad(z, [x, conv.weight], g, retain_graph=True)
+    again = torch.autograd.grad(z, [x, conv.weight], g)
+    want = torch.autograd.grad(ref, [x, conv.weight], g)
+    for a, b, r in zip(got, again, (want[0], want[1] * mask)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, r, rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_buffer_reuse_accumulates_correctly():
