@@ -34,7 +34,7 @@ static inline float hsum(vf v) {
 }
 
 /* out[0:L] = sum_k w[k] * (base + offs[k])[0:L] */
-static void row_axpy(float *restrict out, const float *restrict base, const int64_t *restrict offs,
+static void row_axpy(float *restrict out, const float *restrict base, const int32_t *restrict offs,
                      const float *restrict w, int64_t nnz, int64_t L) {
     int64_t u = 0;
     for (; u + 8 * VL <= L; u += 8 * VL) {
@@ -128,7 +128,7 @@ static inline void hsum4_add(float *acc, vf s0, vf s1, vf s2, vf s3) {
  * weights share each load of dy, two vectors per step keep eight independent accumulators in flight, one
  * horizontal sum per weight. */
 static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_row, const float *restrict xbase,
-                     int64_t x_row, const int64_t *restrict offs, int64_t nnz, int64_t ni, int64_t L) {
+                     int64_t x_row, const int32_t *restrict offs, int64_t nnz, int64_t ni, int64_t L) {
     const int64_t Lv = L - L % (2 * VL);
     int64_t k = 0;
     for (; k + 4 <= nnz; k += 4) {
@@ -178,20 +178,21 @@ static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_r
 }
 
 /* vals[k] = w[idx[k]] (the active weights in one order) */
-void er_gather(const float *w, const int64_t *idx, int64_t n, float *vals, int nthreads) {
+void er_gather(const float *w, const int32_t *idx, int64_t n, float *vals, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
     for (int64_t k = 0; k < n; k++) vals[k] = w[idx[k]];
 }
 
 void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *dw, int64_t plane, int64_t row,
-                int64_t col, int64_t *out, int nthreads) {
+                int64_t col, int32_t *out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
-    for (int64_t k = 0; k < n; k++) out[k] = (int64_t)cp[k] * plane + (int64_t)dh[k] * row + (int64_t)dw[k] * col;
+    for (int64_t k = 0; k < n; k++)
+        out[k] = (int32_t)((int64_t)cp[k] * plane + (int64_t)dh[k] * row + (int64_t)dw[k] * col);
 }
 
 /* out[r*out_plane + i*out_row + u] = sum_{k in row r} vals[k] * in[offs[k] + i*in_row + u]
  * for r < nrows, i < n_i, u < L; rows of output are processed in bands of `band` rows. */
-void er_spmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const float *vals, const float *in,
+void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *vals, const float *in,
              int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i, int64_t L, int64_t band,
              int nthreads) {
     if (band < 1) band = 1;
@@ -219,9 +220,9 @@ void er_spmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const f
  * Bands of rows run one after another and the rows of a band are split over the threads, so every row belongs to
  * one thread at a time: no per-thread copies of the result and no reduction (the first band stores, the others
  * add). */
-void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const float *dy, int64_t dy_plane,
+void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *dy, int64_t dy_plane,
               int64_t dy_row, const float *x, int64_t x_row, int64_t n_i, int64_t L, int64_t band, float *dst,
-              const int64_t *didx, int nthreads) {
+              const int32_t *didx, int nthreads) {
     if (band < 1) band = 1;
     const int64_t nb = (n_i + band - 1) / band;
     int64_t widest = 1;
@@ -240,7 +241,7 @@ void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int64_t *offs, const 
                 row_dots(acc, dy + r * dy_plane + i0 * dy_row, dy_row, x + i0 * x_row, x_row, offs + k0, nnz,
                          i1 - i0, L);
                 if (didx) {
-                    const int64_t *d = didx + k0;
+                    const int32_t *d = didx + k0;
                     if (b == 0)
                         for (int64_t j = 0; j < nnz; j++) dst[d[j]] = acc[j];
                     else

@@ -36,6 +36,8 @@ from er_lightning.compute.build import load_kernels
 
 __all__ = ["SparseIndex", "conv2d_values", "conv_padding", "sparse_conv2d", "sparse_linear", "supports"]
 
+_INT32 = 2**31
+
 #: Floats of input rows a band of output rows may touch (keeps them in a 2 MB L2 with room for the outputs).
 _BAND_FLOATS = 196_608
 
@@ -121,6 +123,10 @@ class SparseIndex:
         # input-gradient order: grouped by input plane (phase, channel)
         perm = torch.argsort(cp, stable=True)
         self.perm = perm
+        # the kernels read 32-bit indices (half the index traffic of a linear layer, where each active weight
+        # does only a batch's worth of work); weights of 2**31 entries or more are refused by supports()
+        self._flat32 = flat.to(torch.int32)
+        self._perm32 = perm.to(torch.int32)
         self.row_ptr_t = _row_ptr(cp[perm], self.phases * ic)
         self.cp_t = o[perm].to(torch.int32)
         self.dh_t = (self.mh - dh[perm]).to(torch.int32)
@@ -138,7 +144,9 @@ class SparseIndex:
             if len(self._offsets) > 16:
                 self._offsets.clear()
             cp, dh, dw = (self.cp_t, self.dh_t, self.dw_t) if transposed else (self.cp, self.dh, self.dw)
-            out = torch.empty(self.nnz, dtype=torch.int64)
+            if plane * max(self.phases * self.in_channels, self.out_channels) >= _INT32:
+                raise RuntimeError(f"packed planes of {plane} floats are too large for the kernels' 32-bit offsets")
+            out = torch.empty(self.nnz, dtype=torch.int32)
             _lib().er_offsets(
                 self.nnz, _ptr(cp), _ptr(dh), _ptr(dw), plane, row, col, _ptr(out), torch.get_num_threads()
             )
@@ -175,14 +183,14 @@ class SparseIndex:
         w = weight.detach()
         if not w.is_contiguous():
             w = w.contiguous()
-        return self._gather(w, self.flat_index, self.buffers.take("vals", (self.nnz,)))
+        return self._gather(w, self._flat32, self.buffers.take("vals", (self.nnz,)))
 
     def transposed_values(self, values: Tensor) -> Tensor:
         """The active weights in input-gradient order, from :meth:`values` (a gather within the small array).
 
         The result is scratch memory of the calling thread, valid until its next call.
         """
-        return self._gather(values, self.perm, _temp("vals_t", (self.nnz,)))
+        return self._gather(values, self._perm32, _temp("vals_t", (self.nnz,)))
 
     def _gather(self, src: Tensor, idx: Tensor, out: Tensor) -> Tensor:
         _lib().er_gather(_ptr(src), _ptr(idx), self.nnz, _ptr(out), torch.get_num_threads())
@@ -265,6 +273,8 @@ def supports(x: Tensor, weight: Tensor) -> str | None:
         return f"the kernels run on CPU only, tensors are on {x.device}"
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return f"the kernels compute float32 only, got {x.dtype} input and {weight.dtype} weight"
+    if weight.numel() >= _INT32 or x.numel() >= _INT32 // 8:
+        return "tensors this large exceed the kernels' 32-bit offsets"
     return None
 
 
@@ -418,7 +428,7 @@ class _SparseConv(torch.autograd.Function):
                 OW * B,
                 band,
                 _ptr(grad_w),
-                _ptr(index.flat_index),
+                _ptr(index._flat32),
                 nt,
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:
