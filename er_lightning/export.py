@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import time
 from collections.abc import Mapping
@@ -39,7 +40,13 @@ import torch
 from torch import Tensor, nn
 
 from er_lightning.compute import SparseIndex, conv_padding, supports
-from er_lightning.compute.functional import conv2d_values
+from er_lightning.compute.functional import (
+    conv2d_values,
+    is_batch_last,
+    max_pool2d_batch_last,
+    to_batch_last,
+    to_contiguous,
+)
 
 __all__ = ["SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "to_sparse"]
 
@@ -120,13 +127,21 @@ class SparseConv2d(_SparseLayer):
         self.stride = tuple(conv.stride)
         self.dilation = tuple(conv.dilation)
         self.padding = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+        #: return results in the kernels' batch-last memory layout (set by :func:`to_sparse` where every
+        #: consumer of the result is known to accept any layout; the values are the same either way)
+        self.batch_last_out = False
 
     def forward(self, x: Tensor) -> Tensor:
         if supports(x, self.values) is None and not (torch.is_grad_enabled() and x.requires_grad):
             unbatched = x.dim() == 3
             xb = x.unsqueeze(0) if unbatched else x
             y = conv2d_values(
-                xb, self.values, self.bias, self._sparse_index(self.stride, self.dilation), self.padding
+                xb,
+                self.values,
+                self.bias,
+                self._sparse_index(self.stride, self.dilation),
+                self.padding,
+                batch_last=self.batch_last_out and not unbatched,
             )
             return y.squeeze(0) if unbatched else y
         pt, pb, pl, pr = self.padding
@@ -163,6 +178,152 @@ class SparseLinear(_SparseLayer):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight_shape}, density={self.density:.4f}"
+
+
+class BatchLastMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools batch-last inputs (see :func:`to_sparse`) in their layout, with the kernels.
+
+    Windows equal to the stride, no padding, dilation 1, no ``ceil_mode``/``return_indices``, float32 CPU
+    inputs in the batch-last layout take the kernel (NaN propagates as in ``F.max_pool2d``); everything else is
+    ``nn.MaxPool2d.forward``.
+    """
+
+    @classmethod
+    def from_pool(cls, pool: nn.MaxPool2d) -> BatchLastMaxPool2d:
+        new = cls(
+            pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode
+        )
+        new.train(pool.training)
+        return new
+
+    def _window(self) -> tuple[int, int] | None:
+        def pair(v: Any) -> tuple[int, int]:
+            return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+        k, st = pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size)
+        if k != st or pair(self.padding) != (0, 0) or pair(self.dilation) != (1, 1):
+            return None
+        if self.ceil_mode or self.return_indices:
+            return None
+        return k
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        window = self._window()
+        if (
+            window is not None
+            and is_batch_last(x)
+            and not x.is_contiguous()
+            and supports(x, x) is None
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            return max_pool2d_batch_last(x, window)
+        return super().forward(x)
+
+
+#: modules and functions whose result is an elementwise (or window-wise) function of their tensor inputs, in
+#: whatever memory layout those have: a batch-last tensor may flow through them into the next sparse layer
+_LAYOUT_FREE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.Hardtanh,
+    nn.SiLU,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    BatchLastMaxPool2d,
+)
+_LAYOUT_FREE_FUNCTIONS = {
+    operator.add,
+    operator.iadd,
+    operator.mul,
+    operator.imul,
+    torch.add,
+    torch.mul,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    nn.functional.relu,
+    nn.functional.relu6,
+    nn.functional.silu,
+    nn.functional.gelu,
+    nn.functional.leaky_relu,
+    nn.functional.dropout,
+}
+_LAYOUT_FREE_METHODS = {"relu", "relu_", "add", "add_", "mul", "mul_", "sigmoid", "tanh"}
+
+
+def _plan_batch_last(model: nn.Module) -> int:
+    """Let sparse convolutions hand their results to the next sparse convolution in the kernels' own layout.
+
+    Only for a ``torch.fx.GraphModule`` (what BatchNorm folding returns). A :class:`SparseConv2d` returns a
+    batch-last result when some chain of layout-free operations (activations, additions, max pooling) leads
+    from it to another :class:`SparseConv2d`; wherever a batch-last value reaches anything else (a view, a
+    flatten, a dense layer, the model's output), a :func:`~er_lightning.compute.functional.to_contiguous` node
+    is inserted before it, so every other operation sees exactly the NCHW tensor it saw before. Returns the
+    number of convolutions switched.
+    """
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return 0
+    modules = dict(model.named_modules())
+    for node in model.graph.nodes:  # max pooling that keeps the layout
+        if node.op == "call_module" and type(modules[node.target]) is nn.MaxPool2d:
+            _replace(model, node.target, BatchLastMaxPool2d.from_pool(modules[node.target]))
+    modules = dict(model.named_modules())
+
+    def is_sparse_conv(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(modules[n.target], SparseConv2d)
+
+    def layout_free(n: fx.Node) -> bool:
+        if n.op == "call_module":
+            return isinstance(modules[n.target], _LAYOUT_FREE_MODULES)
+        if n.op == "call_function":
+            return n.target in _LAYOUT_FREE_FUNCTIONS
+        return n.op == "call_method" and n.target in _LAYOUT_FREE_METHODS
+
+    def reaches_sparse_conv(n: fx.Node, seen: set[fx.Node]) -> bool:
+        for user in n.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if is_sparse_conv(user) and user.args and user.args[0] is n:
+                return True
+            if layout_free(user) and reaches_sparse_conv(user, seen):
+                return True
+        return False
+
+    switched = [n for n in model.graph.nodes if is_sparse_conv(n) and reaches_sparse_conv(n, set())]
+    if not switched:
+        return 0
+    # values that may be batch-last: the switched convolutions and what layout-free operations make of them
+    maybe = set(switched)
+    for n in list(model.graph.nodes):
+        if n not in maybe and layout_free(n) and any(a in maybe for a in n.all_input_nodes):
+            maybe.add(n)
+            # an addition of a batch-last and an NCHW tensor runs several times slower than either alone:
+            # bring the other operands into the batch-last layout first
+            for a in n.all_input_nodes:
+                if a not in maybe:
+                    with model.graph.inserting_before(n):
+                        c = model.graph.call_function(to_batch_last, (a,))
+                    n.replace_input_with(a, c)
+    for n in list(model.graph.nodes):
+        if layout_free(n) or is_sparse_conv(n):  # these take any layout
+            continue
+        for a in n.all_input_nodes:
+            if a not in maybe:
+                continue
+            with model.graph.inserting_before(n):
+                c = model.graph.call_function(to_contiguous, (a,))
+            n.replace_input_with(a, c)
+    for n in switched:
+        modules[n.target].batch_last_out = True
+    model.recompile()
+    return len(switched)
 
 
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -304,6 +465,9 @@ def to_sparse(
         len(converted),
         ", ".join(f"{n} {d:.3f}" for n, d in converted) or "none",
     )
+    switched = _plan_batch_last(model)
+    if switched:
+        log.info("to_sparse: %d sparse convolutions pass batch-last results on", switched)
     return model.eval()
 
 
@@ -349,4 +513,5 @@ def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
             model, name, SparseConv2d(sub, empty) if isinstance(sub, nn.Conv2d) else SparseLinear(sub, empty)
         )
     model.load_state_dict(data["state_dict"], strict=True)
+    _plan_batch_last(model)
     return model.eval()

@@ -35,10 +35,11 @@ static inline float hsum(vf v) {
 
 /* out[0:L] = sum_k w[k] * (base + offs[k])[0:L] */
 static void row_axpy(float *restrict out, const float *restrict base, const int32_t *restrict offs,
-                     const float *restrict w, int64_t nnz, int64_t L) {
+                     const float *restrict w, int64_t nnz, int64_t L, float b) {
+    const vf bv = (vf){0} + b;
     int64_t u = 0;
     for (; u + 8 * VL <= L; u += 8 * VL) {
-        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        vf a0 = bv, a1 = bv, a2 = bv, a3 = bv, a4 = bv, a5 = bv, a6 = bv, a7 = bv;
         for (int64_t k = 0; k < nnz; k++) {
             const float *p = base + offs[k] + u;
             const float x = w[k];
@@ -62,7 +63,7 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
     }
     for (; u + 2 * VL <= L; u += 2 * VL) {
         /* four partial sums over k per vector: eight independent FMA chains */
-        vf a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, e0 = {0}, e1 = {0};
+        vf a0 = bv, a1 = bv, b0 = {0}, b1 = {0}, c0 = {0}, c1 = {0}, e0 = {0}, e1 = {0};
         int64_t k = 0;
         for (; k + 4 <= nnz; k += 4) {
             const float *p0 = base + offs[k] + u, *p1 = base + offs[k + 1] + u, *p2 = base + offs[k + 2] + u,
@@ -85,7 +86,7 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
         st(out + u + VL, (a1 + b1) + (c1 + e1));
     }
     for (; u + VL <= L; u += VL) {
-        vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        vf a0 = bv, a1 = {0}, a2 = {0}, a3 = {0};
         int64_t k = 0;
         for (; k + 4 <= nnz; k += 4) {
             a0 += w[k] * ld(base + offs[k] + u);
@@ -98,7 +99,8 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
     }
     if (u < L) {
         const int64_t rem = L - u;
-        float acc[VL] = {0};
+        float acc[VL];
+        for (int j = 0; j < VL; j++) acc[j] = b;
         for (int64_t k = 0; k < nnz; k++) {
             const float *p = base + offs[k] + u;
             for (int64_t j = 0; j < rem; j++) acc[j] += w[k] * p[j];
@@ -190,11 +192,11 @@ void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *
         out[k] = (int32_t)((int64_t)cp[k] * plane + (int64_t)dh[k] * row + (int64_t)dw[k] * col);
 }
 
-/* out[r*out_plane + i*out_row + u] = sum_{k in row r} vals[k] * in[offs[k] + i*in_row + u]
- * for r < nrows, i < n_i, u < L; rows of output are processed in bands of `band` rows. */
+/* out[r*out_plane + i*out_row + u] = bias[r] + sum_{k in row r} vals[k] * in[offs[k] + i*in_row + u]
+ * for r < nrows, i < n_i, u < L (bias may be NULL); rows of output are processed in bands of `band` rows. */
 void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *vals, const float *in,
              int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i, int64_t L, int64_t band,
-             int nthreads) {
+             const float *bias, int nthreads) {
     if (band < 1) band = 1;
     const int64_t nb = (n_i + band - 1) / band;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 4)
@@ -204,11 +206,12 @@ void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const f
             const int64_t i1 = (b + 1) * band < n_i ? (b + 1) * band : n_i;
             for (int64_t i = b * band; i < i1; i++) {
                 float *o = out + r * out_plane + i * out_row;
+                const float b = bias ? bias[r] : 0.f;
                 if (nnz == 0) {
-                    memset(o, 0, L * sizeof(float));
+                    for (int64_t u = 0; u < L; u++) o[u] = b;
                     continue;
                 }
-                row_axpy(o, in + i * in_row, offs + k0, vals + k0, nnz, L);
+                row_axpy(o, in + i * in_row, offs + k0, vals + k0, nnz, L, b);
             }
         }
     }
@@ -332,6 +335,25 @@ static void transpose2d(const float *src, int64_t s_ld, float *dst, int64_t d_ld
     }
 }
 
+/* Zero the cells of plane row i (phase p) that hold no input pixel; returns the input row h it copies (or -1 when
+ * the whole row is padding) and the range [*j0, *j1) of plane columns that hold pixels. */
+static int64_t pad_plane_row(float *o, int64_t p, int64_t i, int64_t B, int64_t H, int64_t W, int64_t sh,
+                             int64_t sw, int64_t pt, int64_t pl, int64_t Wq, int64_t *j0, int64_t *j1) {
+    const int64_t ph = p / sw, pw = p % sw, h = i * sh + ph - pt;
+    if (h < 0 || h >= H) {
+        memset(o, 0, Wq * B * sizeof(float));
+        return -1;
+    }
+    int64_t a = 0, e = Wq;
+    while (a < Wq && a * sw + pw - pl < 0) a++;
+    while (e > a && (e - 1) * sw + pw - pl >= W) e--;
+    if (a > 0) memset(o, 0, a * B * sizeof(float));
+    if (e < Wq) memset(o + e * B, 0, (Wq - e) * B * sizeof(float));
+    *j0 = a;
+    *j1 = e;
+    return h;
+}
+
 /* pix[q] = offset of input pixel q = h*W + w inside channel 0's phase planes, or -1 when it lies past them
  * (the caller frees the table). */
 static int64_t *phase_pixels(int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_t pt,
@@ -359,18 +381,8 @@ void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_
     for (int64_t p = 0; p < P; p++) {
         for (int64_t c = 0; c < C; c++) {
             for (int64_t i = 0; i < Hq; i++) {
-                const int64_t ph = p / sw, pw = p % sw;
-                float *o = out + ((p * C + c) * Hq + i) * Wq * B;
-                const int64_t h = i * sh + ph - pt;
-                if (h < 0 || h >= H) {
-                    memset(o, 0, Wq * B * sizeof(float));
-                    continue;
-                }
-                int64_t j0 = 0, j1 = Wq;
-                while (j0 < Wq && j0 * sw + pw - pl < 0) j0++;
-                while (j1 > j0 && (j1 - 1) * sw + pw - pl >= W) j1--;
-                if (j0 > 0) memset(o, 0, j0 * B * sizeof(float));
-                if (j1 < Wq) memset(o + j1 * B, 0, (Wq - j1) * B * sizeof(float));
+                int64_t j0, j1;
+                pad_plane_row(out + ((p * C + c) * Hq + i) * Wq * B, p, i, B, H, W, sh, sw, pt, pl, Wq, &j0, &j1);
             }
         }
     }
@@ -401,6 +413,69 @@ void er_pack(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_
         }
     }
     free(pix);
+}
+
+/* As er_pack for a batch-last input x (C, H, W, B) contiguous (a (B, C, H, W) tensor whose batch stride is 1,
+ * as the batch-last outputs of er_spmm are, or any contiguous batch of one): plane rows are copies of input
+ * rows, no transposes. */
+void er_pack_bl(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh, int64_t sw,
+                int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
+    const int64_t P = sh * sw;
+#pragma omp parallel for collapse(3) num_threads(nthreads) schedule(dynamic, 8)
+    for (int64_t p = 0; p < P; p++) {
+        for (int64_t c = 0; c < C; c++) {
+            for (int64_t i = 0; i < Hq; i++) {
+                const int64_t pw = p % sw;
+                float *o = out + ((p * C + c) * Hq + i) * Wq * B;
+                int64_t j0, j1;
+                const int64_t h = pad_plane_row(o, p, i, B, H, W, sh, sw, pt, pl, Wq, &j0, &j1);
+                if (h < 0) continue;
+                const float *src = x + (c * H + h) * W * B;
+                if (sw == 1) {
+                    if (j1 > j0) memcpy(o + j0 * B, src + (j0 + pw - pl) * B, (j1 - j0) * B * sizeof(float));
+                } else {
+                    for (int64_t j = j0; j < j1; j++) memcpy(o + j * B, src + (j * sw + pw - pl) * B, B * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+/* Max pooling of a batch-last x (C, H, W, B) with a kh x kw window and stride (kh, kw), no padding:
+ * out[c][i][j][b] = max over the window of x[c][i*kh + a][j*kw + e][b], NaN when any element of it is NaN
+ * (as torch's max_pool2d). out is (C, OH, OW, B) with OH = H / kh, OW = W / kw (floor). */
+void er_maxpool_bl(const float *x, float *out, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                   int nthreads) {
+    const int64_t OH = H / kh, OW = W / kw;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        for (int64_t i = 0; i < OH; i++) {
+            for (int64_t j = 0; j < OW; j++) {
+                float *o = out + ((c * OH + i) * OW + j) * B;
+                const float *src = x + ((c * H + i * kh) * W + j * kw) * B;
+                int64_t u = 0;
+                for (; u + VL <= B; u += VL) {
+                    vf m = ld(src + u);
+                    for (int64_t a = 0; a < kh; a++)
+                        for (int64_t e = 0; e < kw; e++) {
+                            const vf v = ld(src + (a * W + e) * B + u);
+                            const vi take = (v > m) | (v != v);
+                            m = (vf)(((vi)v & take) | ((vi)m & ~take));
+                        }
+                    st(o + u, m);
+                }
+                for (; u < B; u++) {
+                    float m = src[u];
+                    for (int64_t a = 0; a < kh; a++)
+                        for (int64_t e = 0; e < kw; e++) {
+                            const float v = src[(a * W + e) * B + u];
+                            if (v > m || v != v) m = v;
+                        }
+                    o[u] = m;
+                }
+            }
+        }
+    }
 }
 
 /* y (OC, OH, *, B) with row stride y_row (>= OW*B) -> out (B, OC, OH, OW), plus bias[oc] when given. */

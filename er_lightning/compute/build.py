@@ -39,9 +39,11 @@ _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "er_gather": [_ptr, _ptr, _i64, _ptr, _i32],
     "er_offsets": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i32],
-    "er_spmm": [_i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i32],
+    "er_spmm": [_i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i32],
     "er_sddmm": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i32],
     "er_pack": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
+    "er_pack_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
+    "er_maxpool_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_out": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_grad": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
 }

@@ -34,7 +34,18 @@ from torch import Tensor
 
 from er_lightning.compute.build import load_kernels
 
-__all__ = ["SparseIndex", "conv2d_values", "conv_padding", "sparse_conv2d", "sparse_linear", "supports"]
+__all__ = [
+    "SparseIndex",
+    "conv2d_values",
+    "conv_padding",
+    "is_batch_last",
+    "max_pool2d_batch_last",
+    "sparse_conv2d",
+    "sparse_linear",
+    "supports",
+    "to_batch_last",
+    "to_contiguous",
+]
 
 _INT32 = 2**31
 
@@ -145,7 +156,9 @@ class SparseIndex:
                 self._offsets.clear()
             cp, dh, dw = (self.cp_t, self.dh_t, self.dw_t) if transposed else (self.cp, self.dh, self.dw)
             if plane * max(self.phases * self.in_channels, self.out_channels) >= _INT32:
-                raise RuntimeError(f"packed planes of {plane} floats are too large for the kernels' 32-bit offsets")
+                raise RuntimeError(
+                    f"packed planes of {plane} floats are too large for the kernels' 32-bit offsets"
+                )
             out = torch.empty(self.nnz, dtype=torch.int32)
             _lib().er_offsets(
                 self.nnz, _ptr(cp), _ptr(dh), _ptr(dw), plane, row, col, _ptr(out), torch.get_num_threads()
@@ -290,11 +303,65 @@ def _band(rows_all_planes: int, row_floats: int, halo: int) -> int:
     return max(1, _BAND_FLOATS // per_row - halo)
 
 
-def _forward(x: Tensor, vals: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]):
-    """The forward pass over packed planes: (output, packed input, geometry)."""
+def is_batch_last(t: Tensor) -> bool:
+    """Whether the (B, C, H, W) tensor ``t`` lies in memory as (C, H, W, B): batch stride 1, the layout the
+    kernels compute in. A contiguous batch of one is both this and NCHW."""
+    return t.dim() == 4 and t.permute(1, 2, 3, 0).is_contiguous()
+
+
+def _pack(lib, t: Tensor, out: Tensor, geometry: tuple[int, ...], nt: int) -> None:  # noqa: ANN001
+    """Phase planes of ``t`` (B, C, H, W) into ``out``: row copies from a batch-last ``t``, transposes otherwise."""
+    if is_batch_last(t):
+        lib.er_pack_bl(_ptr(t), _ptr(out), *geometry, nt)
+    else:
+        src = t.contiguous()  # held until the call returns
+        lib.er_pack(_ptr(src), _ptr(out), *geometry, nt)
+
+
+def to_contiguous(x: Tensor) -> Tensor:
+    """``x.contiguous()``, with the kernels' transposes when ``x`` is batch-last (see :func:`is_batch_last`)."""
+    if x.is_contiguous() or not is_batch_last(x) or supports(x, x) is not None:
+        return x.contiguous()
+    B, C, H, W = x.shape
+    out = torch.empty((B, C, H, W), dtype=x.dtype)
+    _lib().er_unpack_out(_ptr(x), None, _ptr(out), B, C, H, W, W * B, torch.get_num_threads())
+    return out
+
+
+def to_batch_last(x: Tensor) -> Tensor:
+    """``x`` with the same values laid out batch-last (see :func:`is_batch_last`); other tensors unchanged."""
+    if x.dim() != 4 or is_batch_last(x) or supports(x, x) is not None:
+        return x
+    B, C, H, W = x.shape
+    src = x.contiguous()
+    out = torch.empty((C, H, W, B), dtype=torch.float32)
+    _lib().er_pack(_ptr(src), _ptr(out), B, C, H, W, 1, 1, 0, 0, H, W, torch.get_num_threads())
+    return out.permute(3, 0, 1, 2)
+
+
+def max_pool2d_batch_last(x: Tensor, kernel: tuple[int, int]) -> Tensor:
+    """``F.max_pool2d(x, kernel)`` (stride = kernel, no padding) of a batch-last ``x``, batch-last result."""
+    B, C, H, W = x.shape
+    kh, kw = kernel
+    out = torch.empty((C, H // kh, W // kw, B), dtype=torch.float32)
+    _lib().er_maxpool_bl(_ptr(x), _ptr(out), B, C, H, W, kh, kw, torch.get_num_threads())
+    return out.permute(3, 0, 1, 2)
+
+
+def _forward(
+    x: Tensor,
+    vals: Tensor,
+    bias: Tensor | None,
+    index: SparseIndex,
+    pad: tuple[int, ...],
+    batch_last: bool = False,
+):
+    """The forward pass over packed planes: (output, packed input, geometry).
+
+    With ``batch_last`` the output is returned in the kernels' own layout (see :func:`is_batch_last`), which
+    the next sparse layer packs with row copies instead of transposes."""
     lib = _lib()
     nt = torch.get_num_threads()
-    x = x.contiguous()
     B, C, H, W = x.shape
     kh, kw = index.kernel
     sh, sw = index.stride
@@ -309,15 +376,20 @@ def _forward(x: Tensor, vals: Tensor, bias: Tensor | None, index: SparseIndex, p
     OC, P = index.out_channels, index.phases
     Hq, Wq = OH + index.mh, OW + index.mw
     xq = index.buffers.take("xq", (P, C, Hq, Wq, B))
-    lib.er_pack(_ptr(x), _ptr(xq), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+    _pack(lib, x, xq, (B, C, H, W, sh, sw, pt, pl, Hq, Wq), nt)
     plane, row = Hq * Wq * B, Wq * B
     offs = index.offsets(False, plane, row, B)
+    b = bias.detach().contiguous() if bias is not None else None
     if OW * B >= 32:  # one output row per span
-        y = _temp("y", (OC, OH, OW * B))
         y_row, n_i, L = OW * B, OH, OW * B
     else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
-        y = _temp("y", (OC, OH, Wq * B))
         y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
+    # batch-last results are computed in place when their rows have no columns past OW
+    y = (
+        index.buffers.take("out_bl", (OC, OH, OW * B))
+        if batch_last and y_row == OW * B
+        else _temp("y", (OC, OH, y_row))
+    )
     band = _band(P * C, row, index.mh)
     vals = vals.contiguous()
     lib.er_spmm(
@@ -333,22 +405,35 @@ def _forward(x: Tensor, vals: Tensor, bias: Tensor | None, index: SparseIndex, p
         n_i,
         L,
         band,
+        _ptr(b) if batch_last else None,
         nt,
     )
+    geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
+    if batch_last:
+        if y_row != OW * B:  # drop the columns past OW
+            out = index.buffers.take("out_bl", (OC, OH, OW * B))
+            out.view(OC, OH, OW, B).copy_(y.view(OC, OH, Wq, B)[:, :, :OW])
+            y = out
+        return y.view(OC, OH, OW, B).permute(3, 0, 1, 2), xq, geom
     out = index.buffers.take("out", (B, OC, OH, OW))
-    b = bias.detach().contiguous() if bias is not None else None
     lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
-    return out, xq, (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
+    return out, xq, geom
 
 
 def conv2d_values(
-    x: Tensor, values: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]
+    x: Tensor,
+    values: Tensor,
+    bias: Tensor | None,
+    index: SparseIndex,
+    pad: tuple[int, ...],
+    batch_last: bool = False,
 ) -> Tensor:
     """Inference: the convolution of (B, C, H, W) ``x`` with the active ``values`` (forward order of ``index``).
 
-    No autograd graph is recorded (export modules use it under ``torch.inference_mode`` or ``no_grad``).
+    No autograd graph is recorded (export modules use it under ``torch.inference_mode`` or ``no_grad``). With
+    ``batch_last`` the result lies in memory as (C, H, W, B) (see :func:`is_batch_last`); its values are the same.
     """
-    return _forward(x.detach(), values.detach(), bias, index, pad)[0]
+    return _forward(x.detach(), values.detach(), bias, index, pad, batch_last)[0]
 
 
 class _SparseConv(torch.autograd.Function):
@@ -373,12 +458,10 @@ class _SparseConv(torch.autograd.Function):
         B, C, H, W, OH, OW, Hq, Wq, pt, pl = ctx.geom
         sh, sw = index.stride
         OC, P, mh, mw = index.out_channels, index.phases, index.mh, index.mw
-        g = grad_out.contiguous()
-        if g.dtype != torch.float32:
-            g = g.float()
+        g = grad_out if grad_out.dtype == torch.float32 else grad_out.float()
         gh, gw = OH + 2 * mh, OW + 2 * mw
         gq = _temp("gq", (OC, gh, gw, B))
-        lib.er_pack(_ptr(g), _ptr(gq), B, OC, OH, OW, 1, 1, mh, mw, gh, gw, nt)
+        _pack(lib, g, gq, (B, OC, OH, OW, 1, 1, mh, mw, gh, gw), nt)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             vals_t = index.transposed_values(vals)
@@ -406,6 +489,7 @@ class _SparseConv(torch.autograd.Function):
                     i1 - i0,
                     (j1 - j0) * B,
                     band,
+                    None,
                     nt,
                 )
             grad_x = index.buffers.take("grad_x", (B, C, H, W))

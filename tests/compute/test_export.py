@@ -137,3 +137,62 @@ def test_to_sparse_with_an_example_input_times_every_candidate_layer(tmp_path, c
     kept_sparse = sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
     assert kept_sparse == sum("sparse" in m.rsplit(":", 1)[1] for m in decided)
     _check_equal(fast, module.net, 4)
+
+
+class _Mixed(nn.Module):
+    """conv -> relu -> maxpool -> conv -> conv plus a dense 1x1 shortcut -> relu -> conv plus its input -> `.view`
+    (which fails on a batch-last tensor) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.short = nn.Conv2d(8, 8, 1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn(self.stem(x))))
+        y = self.b(torch.relu(self.a(x))) + self.short(x)
+        y = torch.relu(y)
+        z = self.c(y) + y
+        return self.head(z.view(-1, 16).view(z.size(0), -1))  # merging batch and channels needs NCHW
+
+
+def test_sparse_convs_hand_batch_last_results_only_to_layers_that_take_any_layout(tmp_path):
+    torch.manual_seed(0)
+    net = _Mixed().eval()
+    with torch.no_grad():
+        net.bn.running_mean.normal_()
+        net.bn.running_var.uniform_(0.5, 2.0)
+        for conv in (net.stem, net.a, net.b, net.c, net.head):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    fast = to_sparse(net)  # the 1x1 shortcut stays dense (density 1 > max_density)
+    convs = {n: m for n, m in fast.named_modules() if isinstance(m, SparseConv2d)}
+    # stem feeds `a` through relu and max pooling, `a` feeds `b`, `b` feeds `c` through the residual addition
+    # (whose dense operand is brought into the same layout); `c` only reaches the `.view`, through an addition
+    # with a batch-last value, so that addition's result is made contiguous before the view
+    plan = {"stem": True, "a": True, "b": True, "c": False}
+    assert {n: m.batch_last_out for n, m in convs.items()} == plan
+    from er_lightning.export import BatchLastMaxPool2d
+
+    assert isinstance(fast.pool, BatchLastMaxPool2d)
+    for batch in (1, 7, 32):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-4)
+    code = fast.code
+    assert "to_contiguous(pool)" in code  # before the dense shortcut
+    assert "to_batch_last(short)" in code  # the shortcut's result, before the addition
+    assert "to_batch_last(c)" in code and "to_contiguous(add_1)" in code
+    # the plan survives save and load
+    path = tmp_path / "m.pt"
+    save_sparse(fast, path)
+    again = load_sparse(_Mixed(), path)
+    assert {n: m.batch_last_out for n, m in again.named_modules() if isinstance(m, SparseConv2d)} == plan
+    x = torch.randn(7, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x), rtol=1e-4, atol=1e-4)

@@ -9,10 +9,18 @@ import torch.nn.functional as F
 from er_lightning.compute import (
     SparseIndex,
     build_error,
+    conv_padding,
     kernels_available,
     sparse_conv2d,
     sparse_linear,
     supports,
+)
+from er_lightning.compute.functional import (
+    conv2d_values,
+    is_batch_last,
+    max_pool2d_batch_last,
+    to_batch_last,
+    to_contiguous,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -177,3 +185,44 @@ def test_index_rejects_wrong_shapes_and_supports_reports_why():
         sparse_conv2d(torch.randn(1, 2, 5, 5), torch.zeros(2, 2, 1, 1), None, SparseIndex(mask))
     assert "float32" in supports(torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2))
     assert supports(torch.randn(2, 2), torch.randn(2, 2)) is None
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_batch_last_inference_layout_in_and_out(case):
+    """The inference path in the kernels' own layout: batch-last results, batch-last inputs packed by row copies,
+    and the conversions back, all equal to F.conv2d."""
+    b, cin, cout, h, w, kernel, stride, padding, dilation = case
+    conv, mask = _masked_conv(cin, cout, kernel, stride, padding, dilation, 0.3)
+    index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    values = conv.weight.detach().reshape(-1)[index.flat_index]
+    pad = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+    x = torch.randn(b, cin, h, w)
+    with torch.no_grad():
+        ref = conv(x)
+        y = conv2d_values(x, values, conv.bias, index, pad, batch_last=True)
+        assert is_batch_last(y) and y.shape == ref.shape
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        xb = to_batch_last(x)
+        assert is_batch_last(xb) and (b == 1 or not xb.is_contiguous())
+        torch.testing.assert_close(xb, x, rtol=0, atol=0)
+        torch.testing.assert_close(
+            conv2d_values(xb, values, conv.bias, index, pad), ref, rtol=1e-5, atol=1e-5
+        )
+        back = to_contiguous(y)
+        assert back.is_contiguous()
+        torch.testing.assert_close(back, y, rtol=0, atol=0)
+        # the batch-last result stays valid while the next call computes (it lives in the layer's own buffers)
+        keep = y.clone()
+        conv2d_values(torch.randn_like(x), values, conv.bias, index, pad, batch_last=True)
+        torch.testing.assert_close(y, keep, rtol=0, atol=0)
+
+
+def test_batch_last_max_pool_equals_max_pool2d_with_nan():
+    x = torch.randn(5, 3, 9, 8)
+    x[1, 2, 4, 4] = float("nan")
+    for window in ((2, 2), (3, 2), (1, 4)):
+        got = max_pool2d_batch_last(to_batch_last(x), window)
+        want = torch.nn.functional.max_pool2d(x, window)
+        assert is_batch_last(got) and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert bool(torch.isnan(max_pool2d_batch_last(to_batch_last(x), (2, 2))[1, 2, 2, 2]))
