@@ -217,6 +217,45 @@ void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const f
     }
 }
 
+/* The input gradient of a linear layer from the forward (output-row) order, without the transposed index:
+ *     gx[offs[k] + u] += vals[k] * dy[r*dy_row + u]    for k in row r, u < L,
+ * each thread into its own zeroed copy of gx (thread 0 into gx itself, thread t > 0 into part + (t-1)*size), the
+ * copies summed at the end. Meant for copies that fit in L2 (size floats), where it saves the gather of the
+ * values into input order. */
+void er_spmm_scatter(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *vals, const float *dy,
+                     int64_t dy_row, int64_t L, float *gx, float *part, int64_t size, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *acc = t == 0 ? gx : part + (size_t)(t - 1) * (size_t)size;
+        memset(acc, 0, (size_t)size * sizeof(float));
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t r = 0; r < nrows; r++) {
+            const int64_t k0 = row_ptr[r], k1 = row_ptr[r + 1];
+            const float *d = dy + r * dy_row;
+            int64_t u = 0;
+            for (; u + 2 * VL <= L; u += 2 * VL) {
+                const vf d0 = ld(d + u), d1 = ld(d + u + VL);
+                for (int64_t k = k0; k < k1; k++) {
+                    float *q = acc + offs[k] + u;
+                    const float w = vals[k];
+                    st(q, ld(q) + w * d0);
+                    st(q + VL, ld(q + VL) + w * d1);
+                }
+            }
+            for (; u < L; u++)
+                for (int64_t k = k0; k < k1; k++) acc[offs[k] + u] += vals[k] * d[u];
+        }
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < size; i++) {
+            float sum = gx[i];
+            for (int j = 1; j < nt; j++) sum += part[(size_t)(j - 1) * (size_t)size + i];
+            gx[i] = sum;
+        }
+    }
+}
+
 /* The weight gradient at the active weights: for k in row r,
  *     g_k = sum_{i < n_i, u < L} dy[r*dy_plane + i*dy_row + u] * x[offs[k] + i*x_row + u],
  * written to dst[didx[k]] (straight into a dense gradient of the weight's shape), or to dst[k] when didx is NULL.

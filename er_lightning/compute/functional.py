@@ -49,6 +49,9 @@ __all__ = [
 
 _INT32 = 2**31
 
+#: Largest input gradient (floats) a linear layer accumulates in forward order, one copy per thread in L2.
+_SCATTER_FLOATS = 196_608
+
 #: Floats of input rows a band of output rows may touch (keeps them in a 2 MB L2 with room for the outputs).
 _BAND_FLOATS = 196_608
 
@@ -463,7 +466,27 @@ class _SparseConv(torch.autograd.Function):
         gq = _temp("gq", (OC, gh, gw, B))
         _pack(lib, g, gq, (B, OC, OH, OW, 1, 1, mh, mw, gh, gw), nt)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and H * W == 1 and Hq * Wq == 1 and P == 1 and C * B <= _SCATTER_FLOATS:
+            # a linear layer whose input gradient fits in L2: accumulate it in the forward order (no gather of
+            # the values into input order, no second index)
+            gxq = _temp("gxq", (C, B))
+            part = _temp("gx_part", (max(nt - 1, 1), C * B))
+            lib.er_spmm_scatter(
+                OC,
+                _ptr(index.row_ptr),
+                _ptr(index.offsets(False, B, B, B)),
+                _ptr(vals),
+                _ptr(gq),
+                B,
+                B,
+                _ptr(gxq),
+                _ptr(part),
+                C * B,
+                nt,
+            )
+            grad_x = index.buffers.take("grad_x", (B, C, H, W))
+            lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+        elif ctx.needs_input_grad[0]:
             vals_t = index.transposed_values(vals)
             offs_t = index.offsets(True, gh * gw * B, gw * B, B)
             gxq = _temp("gxq", (P, C, Hq, Wq, B))

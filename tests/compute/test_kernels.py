@@ -91,7 +91,8 @@ def test_conv_density_extremes_and_empty_rows():
         torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
 
 
-# leading dims; widths below, at and past the 16x16 transpose tiles of the linear layout
+# leading dims; widths below, at and past the 16x16 transpose tiles of the linear layout; an input gradient too
+# large for the forward-order accumulation (the transposed path)
 LINEAR_CASES = [
     ((1,), 13, 7),
     ((7,), 13, 7),
@@ -100,6 +101,7 @@ LINEAR_CASES = [
     ((35,), 40, 24),
     ((64,), 48, 33),
     ((16,), 16, 16),
+    ((100,), 2048, 8),
 ]
 
 
