@@ -98,14 +98,18 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
         st(out + u, (a0 + a1) + (a2 + a3));
     }
     if (u < L) {
+        /* the last rem < VL floats: whole vectors, the lanes past L discarded (inputs carry VL floats of slack
+         * past their end, see the callers) */
         const int64_t rem = L - u;
-        float acc[VL];
-        for (int j = 0; j < VL; j++) acc[j] = b;
-        for (int64_t k = 0; k < nnz; k++) {
-            const float *p = base + offs[k] + u;
-            for (int64_t j = 0; j < rem; j++) acc[j] += w[k] * p[j];
+        vf a0 = bv, a1 = {0};
+        int64_t k = 0;
+        for (; k + 2 <= nnz; k += 2) {
+            a0 += w[k] * ld(base + offs[k] + u);
+            a1 += w[k + 1] * ld(base + offs[k + 1] + u);
         }
-        memcpy(out + u, acc, rem * sizeof(float));
+        if (k < nnz) a0 += w[k] * ld(base + offs[k] + u);
+        const vf r = a0 + a1;
+        memcpy(out + u, &r, rem * sizeof(float));
     }
 }
 
@@ -193,7 +197,9 @@ void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *
 }
 
 /* out[r*out_plane + i*out_row + u] = bias[r] + sum_{k in row r} vals[k] * in[offs[k] + i*in_row + u]
- * for r < nrows, i < n_i, u < L (bias may be NULL); rows of output are processed in bands of `band` rows. */
+ * for r < nrows, i < n_i, u < L (bias may be NULL); rows of output are processed in bands of `band` rows.
+ * `in` must stay readable for VL floats past the last element a span reads (the spans' tails are computed as
+ * whole vectors). */
 void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *vals, const float *in,
              int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i, int64_t L, int64_t band,
              const float *bias, int nthreads) {

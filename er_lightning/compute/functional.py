@@ -49,6 +49,9 @@ __all__ = [
 
 _INT32 = 2**31
 
+#: Floats past the end of every kernel input: the spans' tails are read as whole 16-float vectors.
+_SLACK = 16
+
 #: Largest input gradient (floats) a linear layer accumulates in forward order, one copy per thread in L2.
 _SCATTER_FLOATS = 196_608
 
@@ -146,6 +149,7 @@ class SparseIndex:
         self.dh_t = (self.mh - dh[perm]).to(torch.int32)
         self.dw_t = (self.mw - dw[perm]).to(torch.int32)
         self._offsets: dict[tuple[bool, int, int, int], Tensor] = {}
+        self._plans: dict[tuple, tuple] = {}
         self._grad_storage: torch.UntypedStorage | None = None
         #: packed inputs, outputs and input gradients of this layer, reused from step to step (see _Buffers)
         self.buffers = _Buffers()
@@ -168,6 +172,34 @@ class SparseIndex:
             )
             self._offsets[key] = out
         return out
+
+    def plan(self, B: int, C: int, H: int, W: int, pad: tuple[int, ...]) -> tuple:
+        """The forward geometry of one input shape (cached): output and plane sizes, offsets, spans, band."""
+        key = (B, C, H, W, pad)
+        got = self._plans.get(key)
+        if got is not None:
+            return got
+        kh, kw = self.kernel
+        sh, sw = self.stride
+        dlh, dlw = self.dilation
+        pt, pb, pl, pr = pad
+        OH = (H + pt + pb - dlh * (kh - 1) - 1) // sh + 1
+        OW = (W + pl + pr - dlw * (kw - 1) - 1) // sw + 1
+        if OH <= 0 or OW <= 0:
+            raise RuntimeError(f"input of size {H}x{W} is too small for this convolution")
+        if self.in_channels != C:
+            raise RuntimeError(f"input has {C} channels, the layer takes {self.in_channels}")
+        Hq, Wq = OH + self.mh, OW + self.mw
+        offs = self.offsets(False, Hq * Wq * B, Wq * B, B)
+        if OW * B >= 32:  # one output row per span
+            y_row, n_i, L = OW * B, OH, OW * B
+        else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
+            y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
+        band = _band(self.phases * C, Wq * B, self.mh)
+        if len(self._plans) > 16:
+            self._plans.clear()
+        got = self._plans[key] = (OH, OW, Hq, Wq, offs, y_row, n_i, L, band)
+        return got
 
     def grad_buffer(self, weight: Tensor) -> Tensor:
         """A zero-filled tensor of the weight's shape for its gradient, reused from step to step.
@@ -230,18 +262,21 @@ class _Buffers:
         self.keep = keep
         self._slots: dict[str, list[torch.UntypedStorage]] = {}
 
-    def take(self, slot: str, shape: tuple[int, ...]) -> Tensor:
+    def take(self, slot: str, shape: tuple[int, ...], slack: int = 0) -> Tensor:
+        """A tensor of ``shape`` (uninitialised), whose storage runs ``slack`` zeroed floats past its end."""
         numel = 1
         for n in shape:
             numel *= n
-        nbytes = 4 * numel
+        nbytes = 4 * (numel + slack)
         kept = self._slots.setdefault(slot, [])
         if _storage_use_count is not None:
             for st in kept:
                 if st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
                     return torch.empty(0, dtype=torch.float32).set_(st, 0, shape)
-        out = torch.empty(shape, dtype=torch.float32)
-        kept.append(out.untyped_storage())
+        flat = torch.empty(numel + slack, dtype=torch.float32)
+        flat[numel:].zero_()
+        out = torch.empty(0, dtype=torch.float32).set_(flat.untyped_storage(), 0, shape)
+        kept.append(flat.untyped_storage())
         if len(kept) > self.keep:
             kept.pop(0)
         return out
@@ -254,7 +289,8 @@ _scratch = threading.local()
 
 
 def _temp(slot: str, shape: tuple[int, ...]) -> Tensor:
-    """A per-thread scratch tensor for a value that dies inside one kernel call (never returned or saved)."""
+    """A per-thread scratch tensor for a value that dies inside one kernel call (never returned or saved); its
+    storage runs at least ``_SLACK`` floats past its end."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
@@ -262,8 +298,8 @@ def _temp(slot: str, shape: tuple[int, ...]) -> Tensor:
     for n in shape:
         numel *= n
     buf = bufs.get(slot)
-    if buf is None or buf.numel() < numel:
-        buf = bufs[slot] = torch.empty(numel, dtype=torch.float32)
+    if buf is None or buf.numel() < numel + _SLACK:
+        buf = bufs[slot] = torch.zeros(numel + _SLACK, dtype=torch.float32)
     return buf[:numel].view(shape)
 
 
@@ -309,7 +345,16 @@ def _band(rows_all_planes: int, row_floats: int, halo: int) -> int:
 def is_batch_last(t: Tensor) -> bool:
     """Whether the (B, C, H, W) tensor ``t`` lies in memory as (C, H, W, B): batch stride 1, the layout the
     kernels compute in. A contiguous batch of one is both this and NCHW."""
-    return t.dim() == 4 and t.permute(1, 2, 3, 0).is_contiguous()
+    if t.dim() != 4:
+        return False
+    B, C, H, W = t.shape
+    sb, sc, sh, sw = t.stride()
+    expect = 1  # strides from the innermost dimension out: B, W, H, C (any stride where the size is 1)
+    for size, stride in ((B, sb), (W, sw), (H, sh), (C, sc)):
+        if size != 1 and stride != expect:
+            return False
+        expect *= size
+    return True
 
 
 def _pack(lib, t: Tensor, out: Tensor, geometry: tuple[int, ...], nt: int) -> None:  # noqa: ANN001
@@ -366,34 +411,19 @@ def _forward(
     lib = _lib()
     nt = torch.get_num_threads()
     B, C, H, W = x.shape
-    kh, kw = index.kernel
-    sh, sw = index.stride
-    dlh, dlw = index.dilation
-    pt, pb, pl, pr = pad
-    OH = (H + pt + pb - dlh * (kh - 1) - 1) // sh + 1
-    OW = (W + pl + pr - dlw * (kw - 1) - 1) // sw + 1
-    if OH <= 0 or OW <= 0:
-        raise RuntimeError(f"input of size {H}x{W} is too small for this convolution")
-    if index.in_channels != C:
-        raise RuntimeError(f"input has {C} channels, the layer takes {index.in_channels}")
     OC, P = index.out_channels, index.phases
-    Hq, Wq = OH + index.mh, OW + index.mw
-    xq = index.buffers.take("xq", (P, C, Hq, Wq, B))
-    _pack(lib, x, xq, (B, C, H, W, sh, sw, pt, pl, Hq, Wq), nt)
-    plane, row = Hq * Wq * B, Wq * B
-    offs = index.offsets(False, plane, row, B)
+    OH, OW, Hq, Wq, offs, y_row, n_i, L, band = index.plan(B, C, H, W, pad)
+    pt, pl = pad[0], pad[2]
+    xq = index.buffers.take("xq", (P, C, Hq, Wq, B), slack=_SLACK)
+    _pack(lib, x, xq, (B, C, H, W, *index.stride, pt, pl, Hq, Wq), nt)
+    row = Wq * B
     b = bias.detach().contiguous() if bias is not None else None
-    if OW * B >= 32:  # one output row per span
-        y_row, n_i, L = OW * B, OH, OW * B
-    else:  # small rows (batch 1, tiny maps): the whole plane as one span, columns past OW ignored
-        y_row, n_i, L = Wq * B, 1, (OH - 1) * Wq * B + OW * B
     # batch-last results are computed in place when their rows have no columns past OW
     y = (
         index.buffers.take("out_bl", (OC, OH, OW * B))
         if batch_last and y_row == OW * B
         else _temp("y", (OC, OH, y_row))
     )
-    band = _band(P * C, row, index.mh)
     vals = vals.contiguous()
     lib.er_spmm(
         OC,
