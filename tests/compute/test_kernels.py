@@ -16,6 +16,7 @@ from er_lightning.compute import (
     supports,
 )
 from er_lightning.compute.functional import (
+    _MIN_SPAN,
     conv2d_values,
     is_batch_last,
     max_pool2d_batch_last,
@@ -228,3 +229,33 @@ def test_batch_last_max_pool_equals_max_pool2d_with_nan():
         assert is_batch_last(got) and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
     assert bool(torch.isnan(max_pool2d_batch_last(to_batch_last(x), (2, 2))[1, 2, 2, 2]))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (32, 128, 128, 8, 1, 0.2),
+        (7, 128, 96, 40, 1, 0.2),
+        (32, 64, 64, 9, 1, 0.25),
+        (16, 128, 128, 36, 2, 0.2),
+    ],
+)
+def test_blocked_kernel_on_layers_with_many_weights_per_row(case):
+    """Layers wide and dense enough for the plane-blocked kernel (forward of stride-1 layers, input gradient of
+    all) over spans of at least _MIN_SPAN floats, whole tiles and spans that end in a partial tile."""
+    b, cin, cout, hw, stride, density = case
+    conv, mask = _masked_conv(cin, cout, (3, 3), stride, 1, 1, density, seed=b)
+    index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    assert index.block_size(True) > 0
+    assert (index.block_size(False) > 0) == (stride == 1)
+    x = torch.randn(b, cin, hw, hw, requires_grad=True)
+    y = sparse_conv2d(x, conv.weight, conv.bias, index, padding=1)
+    ref = F.conv2d(x, conv.weight, conv.bias, conv.stride, 1)
+    assert min(ref.shape[3], (hw + 1) // stride) * b >= _MIN_SPAN  # the spans take the blocked kernel
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(ref)
+    gx, gw = torch.autograd.grad(y, [x, conv.weight], g)
+    rx, rw = torch.autograd.grad(ref, [x, conv.weight], g)
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
+    # weight gradients are sums over batch x map (up to 11k products): round-off relative to their scale
+    torch.testing.assert_close(gw, rw * mask, rtol=1e-4, atol=1e-5 * float(rw.abs().max()))
