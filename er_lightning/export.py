@@ -326,6 +326,74 @@ def _plan_batch_last(model: nn.Module) -> int:
     return len(switched)
 
 
+def add_into(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b``, written into ``a`` when that has the result's shape and dtype (``a`` must be dead otherwise)."""
+    if a.shape == torch.broadcast_shapes(a.shape, b.shape) and a.dtype == torch.result_type(a, b):
+        return a.add_(b)
+    return a + b
+
+
+_ADDS = {operator.add, torch.add}
+_RELUS = {torch.relu, nn.functional.relu}
+
+
+def _reuse_results(model: nn.Module) -> int:
+    """Compute additions and ReLUs into the tensors they consume where nothing else reads those.
+
+    In a ``torch.fx.GraphModule``: an addition whose operand is the result of a conv or linear layer used by
+    nothing else adds into it (:func:`add_into`), and a ReLU of such a result, or of an addition, with no other
+    user runs in place. The values are the same; the fresh multi-megabyte result each op allocated (and
+    page-faulted in) is gone. Returns the number of operations rewritten.
+    """
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return 0
+    modules = dict(model.named_modules())
+
+    def layer_result(n: object) -> bool:
+        return (
+            isinstance(n, fx.Node)
+            and n.op == "call_module"
+            and isinstance(modules[n.target], (SparseConv2d, SparseLinear, nn.Conv2d, nn.Linear))
+            and len(n.users) == 1
+        )
+
+    rewritten = 0
+    for n in list(model.graph.nodes):
+        if n.op == "call_function" and n.target in _ADDS and len(n.args) == 2 and not n.kwargs:
+            a, b = n.args
+            for x, y in ((a, b), (b, a)):  # float addition commutes
+                if layer_result(x) and isinstance(y, fx.Node):
+                    n.target, n.args = add_into, (x, y)
+                    rewritten += 1
+                    break
+            continue
+        relu = (
+            (n.op == "call_function" and n.target in _RELUS and not n.kwargs.get("inplace", False))
+            or (n.op == "call_method" and n.target == "relu")
+            or (n.op == "call_module" and type(modules[n.target]) is nn.ReLU)
+        )
+        if not relu or len(n.args) != 1:
+            continue
+        src = n.args[0]
+        fresh = layer_result(src) or (
+            isinstance(src, fx.Node)
+            and src.op == "call_function"
+            and src.target in (*_ADDS, add_into)
+            and len(src.users) == 1
+        )
+        if fresh:
+            with model.graph.inserting_before(n):
+                new = model.graph.call_function(torch.relu_, (src,))
+            n.replace_all_uses_with(new)
+            model.graph.erase_node(n)
+            rewritten += 1
+    if rewritten:
+        model.recompile()
+    return rewritten
+
+
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
@@ -468,6 +536,7 @@ def to_sparse(
     switched = _plan_batch_last(model)
     if switched:
         log.info("to_sparse: %d sparse convolutions pass batch-last results on", switched)
+    _reuse_results(model)
     return model.eval()
 
 
@@ -514,4 +583,5 @@ def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
     model.load_state_dict(data["state_dict"], strict=True)
     _plan_batch_last(model)
+    _reuse_results(model)
     return model.eval()

@@ -196,3 +196,36 @@ def test_sparse_convs_hand_batch_last_results_only_to_layers_that_take_any_layou
     x = torch.randn(7, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(again(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+class _Shared(nn.Module):
+    """A conv result read twice (must not be overwritten) and one read once (may be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        z = torch.relu(y) + y
+        return torch.relu(self.b(z) + x)
+
+
+def test_additions_and_relus_reuse_only_results_nothing_else_reads():
+    torch.manual_seed(1)
+    net = _Shared().eval()
+    with torch.no_grad():
+        for conv in (net.a, net.b):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    fast = to_sparse(net, fold_batchnorm=True)
+    for batch in (1, 3):
+        x = torch.randn(batch, 4, 6, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+            # the input is not among what gets overwritten
+            x0 = x.clone()
+            fast(x)
+            torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    code = fast.code
+    assert code.count("relu_(") == 1 and code.count("add_into(") == 1  # only around `b`
