@@ -532,6 +532,8 @@ void er_pack_bl(const float *x, float *out, int64_t B, int64_t C, int64_t H, int
                 const float *src = x + (c * H + h) * W * B;
                 if (sw == 1) {
                     if (j1 > j0) memcpy(o + j0 * B, src + (j0 + pw - pl) * B, (j1 - j0) * B * sizeof(float));
+                } else if (B == 1) {
+                    for (int64_t j = j0; j < j1; j++) o[j] = src[j * sw + pw - pl];
                 } else {
                     for (int64_t j = j0; j < j1; j++) memcpy(o + j * B, src + (j * sw + pw - pl) * B, B * sizeof(float));
                 }
