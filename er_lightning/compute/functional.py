@@ -57,6 +57,9 @@ _GRAD_PASS_BYTES = 4 << 20
 #: 0.85x the time, VGG-16 uniform 0.05 0.94x, batch 1 unchanged; without the span limit batch 1 takes 1.1-1.7x).
 _PER_BLOCK = 20
 _MIN_SPAN = 256
+#: ... and over at least _MIN_TILES whole 128-float tiles (its parallel tasks; the one-span planes of batch 1
+#: have two or three, which left a thread idle)
+_MIN_TILES = 4
 
 #: Floats past the end of every kernel input: the spans' tails are read as whole 16-float vectors.
 _SLACK = 16
@@ -452,7 +455,7 @@ def _spmm(lib, index: SparseIndex, transposed: bool, phase: int, nrows: int, *ar
     ``args``: offs, vals, in, in_row, out, out_plane, out_row, n_i, L, band, bias, nthreads (pointers as ints).
     """
     offs, vals, inp, in_row, out, out_plane, out_row, n_i, L, band, bias, nt = args
-    size = index.block_size(transposed) if L >= _MIN_SPAN else 0
+    size = index.block_size(transposed) if L >= _MIN_SPAN and n_i * (L // 128) >= _MIN_TILES else 0
     common = (offs, vals, inp, in_row, out, out_plane, out_row, n_i, L)
     if size:
         n, ptr = index.blocks(transposed, size)
