@@ -1,7 +1,7 @@
 """Sparse ``conv2d`` and ``linear`` over the active weights of a bool mask, as autograd functions.
 
 :class:`SparseIndex` is the per-layer index structure, built from a bool mask once per mask change (cost measured
-in ``benchmarks/bench_kernels.py``): the active positions in output-channel order (forward, weight gradient) and in
+in ``benchmarks/bench_sparse.py --table train``): the active positions in output-channel order (forward, weight gradient) and in
 input-plane order (input gradient). :func:`sparse_conv2d` and :func:`sparse_linear` compute
 
 * the forward pass and the input gradient with the kernels of ``_kernels.c`` over active weights only, and
