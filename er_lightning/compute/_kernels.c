@@ -361,52 +361,27 @@ void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const 
     }
 }
 
+/* One butterfly stage: rows i and i + s (i without bit s) exchange their s-lane halves through lo / hi. */
+static inline void butterfly(vf r[16], int s, vi lo, vi hi) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {
+        if (i & s) continue;
+        const vf a = r[i], b = r[i + s];
+        r[i] = __builtin_shuffle(a, b, lo);
+        r[i + s] = __builtin_shuffle(a, b, hi);
+    }
+}
+
 /* In-register transpose of a 16x16 block: r[i][l] -> r[l][i] (four butterfly stages of two-vector shuffles). */
 static inline void transpose16(vf r[16]) {
-    {
-        const vi lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-        const vi hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & 8) continue;
-            const vf a = r[i], b = r[i + 8];
-            r[i] = __builtin_shuffle(a, b, lo);
-            r[i + 8] = __builtin_shuffle(a, b, hi);
-        }
-    }
-    {
-        const vi lo = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-        const vi hi = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & 4) continue;
-            const vf a = r[i], b = r[i + 4];
-            r[i] = __builtin_shuffle(a, b, lo);
-            r[i + 4] = __builtin_shuffle(a, b, hi);
-        }
-    }
-    {
-        const vi lo = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-        const vi hi = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & 2) continue;
-            const vf a = r[i], b = r[i + 2];
-            r[i] = __builtin_shuffle(a, b, lo);
-            r[i + 2] = __builtin_shuffle(a, b, hi);
-        }
-    }
-    {
-        const vi lo = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-        const vi hi = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & 1) continue;
-            const vf a = r[i], b = r[i + 1];
-            r[i] = __builtin_shuffle(a, b, lo);
-            r[i + 1] = __builtin_shuffle(a, b, hi);
-        }
-    }
+    butterfly(r, 8, (vi){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+              (vi){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
+    butterfly(r, 4, (vi){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+              (vi){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+    butterfly(r, 2, (vi){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+              (vi){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+    butterfly(r, 1, (vi){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+              (vi){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
 }
 
 /* dst[c*d_ld + r] = src[r*s_ld + c] (+ bias[r] when given) for r < nr, c < nc: a blocked transpose in 16x16
