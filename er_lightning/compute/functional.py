@@ -61,6 +61,9 @@ _MIN_SPAN = 256
 #: have two or three, which left a thread idle)
 _MIN_TILES = 4
 
+#: Largest scratch tensor (bytes) kept per thread and slot between calls.
+_TEMP_KEEP_BYTES = 256 << 20
+
 #: Floats past the end of every kernel input: the spans' tails are read as whole 16-float vectors.
 _SLACK = 16
 
@@ -350,6 +353,8 @@ def _temp(slot: str, shape: tuple[int, ...]) -> Tensor:
     numel = 1
     for n in shape:
         numel *= n
+    if 4 * numel > _TEMP_KEEP_BYTES:  # a one-off huge call keeps nothing behind
+        return torch.zeros(numel + _SLACK, dtype=torch.float32)[:numel].view(shape)
     buf = bufs.get(slot)
     if buf is None or buf.numel() < numel + _SLACK:
         buf = bufs[slot] = torch.zeros(numel + _SLACK, dtype=torch.float32)
