@@ -186,6 +186,13 @@ class BatchLastMaxPool2d(nn.MaxPool2d):
     Windows equal to the stride, no padding, dilation 1, no ``ceil_mode``/``return_indices``, float32 CPU
     inputs in the batch-last layout take the kernel (NaN propagates as in ``F.max_pool2d``); everything else is
     ``nn.MaxPool2d.forward``.
+
+    Example:
+        >>> from er_lightning.compute.functional import to_batch_last
+        >>> pool = BatchLastMaxPool2d.from_pool(nn.MaxPool2d(2))
+        >>> x = torch.randn(4, 3, 8, 8)
+        >>> bool(torch.equal(pool(to_batch_last(x)), nn.functional.max_pool2d(x, 2)))
+        True
     """
 
     @classmethod
