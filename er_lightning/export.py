@@ -130,6 +130,9 @@ class SparseConv2d(_SparseLayer):
         #: return results in the kernels' batch-last memory layout (set by :func:`to_sparse` where every
         #: consumer of the result is known to accept any layout; the values are the same either way)
         self.batch_last_out = False
+        #: with batch_last_out: write results into zero-bordered planes (top, bottom, left, right) that the next
+        #: sparse layer, stride 1 with this padding, reads in place (set by :func:`to_sparse`)
+        self.out_border: tuple[int, int, int, int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if supports(x, self.values) is None and not (torch.is_grad_enabled() and x.requires_grad):
@@ -142,6 +145,7 @@ class SparseConv2d(_SparseLayer):
                 self._sparse_index(self.stride, self.dilation),
                 self.padding,
                 batch_last=self.batch_last_out and not unbatched,
+                out_border=self.out_border,
             )
             return y.squeeze(0) if unbatched else y
         pt, pb, pl, pr = self.padding
@@ -401,6 +405,53 @@ def _reuse_results(model: nn.Module) -> int:
     return rewritten
 
 
+def _plan_borders(model: nn.Module) -> int:
+    """Let a batch-last sparse conv write into the zero-bordered planes the next sparse conv reads in place.
+
+    After :func:`_reuse_results`: the result of a :class:`SparseConv2d` and what in-place operations make of it
+    (``relu_``, :func:`add_into` into it) is one buffer; when every other consumer of that buffer is a stride-1
+    :class:`SparseConv2d` with the same padding, the producer gets ``out_border`` = that padding and the
+    consumers skip their packing copy (after checking the border is still zero). Any other consumer, or a
+    producer module called twice, leaves it alone. Returns the number of producers planned.
+    """
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return 0
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for n in model.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    planned = 0
+    for n in model.graph.nodes:
+        if n.op != "call_module" or not isinstance(modules[n.target], SparseConv2d):
+            continue
+        producer = modules[n.target]
+        if not producer.batch_last_out or calls[n.target] != 1:
+            continue
+        alias, todo = {n}, [n]
+        while todo:  # the producer's buffer, through in-place operations on it
+            a = todo.pop()
+            for u in a.users:
+                inplace = u.op == "call_function" and u.target in (torch.relu_, add_into) and u.args[0] is a
+                if inplace and u not in alias:
+                    alias.add(u)
+                    todo.append(u)
+        borders = set()
+        for a in alias:
+            for u in a.users:
+                if u in alias:
+                    continue
+                sub = modules.get(u.target) if u.op == "call_module" else None
+                reads = isinstance(sub, SparseConv2d) and u.args[0] is a and tuple(sub.stride) == (1, 1)
+                borders.add(tuple(sub.padding) if reads else None)
+        if len(borders) == 1 and None not in borders:
+            producer.out_border = borders.pop()
+            planned += 1
+    return planned
+
+
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
@@ -553,6 +604,7 @@ def to_sparse(
     if switched:
         log.info("to_sparse: %d sparse convolutions pass batch-last results on", switched)
     _reuse_results(model)
+    _plan_borders(model)
     return model.eval()
 
 
@@ -600,4 +652,5 @@ def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
     model.load_state_dict(data["state_dict"], strict=True)
     _plan_batch_last(model)
     _reuse_results(model)
+    _plan_borders(model)
     return model.eval()

@@ -554,6 +554,29 @@ void er_maxpool_bl(const float *x, float *out, int64_t B, int64_t C, int64_t H, 
     }
 }
 
+/* 1 when every cell of the planes x (C, Hq, Wq, B) outside rows [pt, Hq - pb) x columns [pl, Wq - pr) is zero:
+ * a batch-last result written into zero-bordered planes can then be read in place as the next layer's packed
+ * input. */
+int er_border_zero(const float *x, int64_t C, int64_t Hq, int64_t Wq, int64_t B, int64_t pt, int64_t pb,
+                   int64_t pl, int64_t pr) {
+    const int64_t row = Wq * B;
+    uint32_t bits = 0; /* OR of every border value's magnitude bits: branch-free, vectorised */
+    for (int64_t c = 0; c < C; c++) {
+        const uint32_t *p = (const uint32_t *)(x + c * Hq * row);
+        for (int64_t i = 0; i < Hq; i++) {
+            const uint32_t *r = p + i * row;
+            if (i < pt || i >= Hq - pb) {
+                for (int64_t u = 0; u < row; u++) bits |= r[u];
+                continue;
+            }
+            for (int64_t u = 0; u < pl * B; u++) bits |= r[u];
+            for (int64_t u = (Wq - pr) * B; u < row; u++) bits |= r[u];
+        }
+        if (bits & 0x7fffffffu) return 0;
+    }
+    return 1;
+}
+
 /* y (OC, OH, *, B) with row stride y_row (>= OW*B) -> out (B, OC, OH, OW), plus bias[oc] when given. */
 void er_unpack_out(const float *y, const float *bias, float *out, int64_t B, int64_t OC, int64_t OH, int64_t OW,
                    int64_t y_row, int nthreads) {

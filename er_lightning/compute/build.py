@@ -36,7 +36,9 @@ _tried = False
 _error: str | None = None
 
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_RETURNS_INT = {"er_border_zero"}
 _SIGNATURES = {
+    "er_border_zero": [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64],
     "er_gather": [_ptr, _ptr, _i64, _ptr, _i32],
     "er_offsets": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i32],
     "er_spmm": [_i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i32],
@@ -132,7 +134,7 @@ def load_kernels() -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
-            fn.restype = None
+            fn.restype = ctypes.c_int if name in _RETURNS_INT else None
         _lib = lib
         return _lib
 

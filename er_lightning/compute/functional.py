@@ -318,8 +318,9 @@ class _Buffers:
         self.keep = keep
         self._slots: dict[str, list[torch.UntypedStorage]] = {}
 
-    def take(self, slot: str, shape: tuple[int, ...], slack: int = 0) -> Tensor:
-        """A tensor of ``shape`` (uninitialised), whose storage runs ``slack`` zeroed floats past its end."""
+    def take(self, slot: str, shape: tuple[int, ...], slack: int = 0, zero: bool = False) -> Tensor:
+        """A tensor of ``shape`` (uninitialised, or zeros when newly allocated with ``zero``), whose storage runs
+        ``slack`` zeroed floats past its end."""
         numel = 1
         for n in shape:
             numel *= n
@@ -329,7 +330,7 @@ class _Buffers:
             for st in kept:
                 if st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
                     return torch.empty(0, dtype=torch.float32).set_(st, 0, shape)
-        flat = torch.empty(numel + slack, dtype=torch.float32)
+        flat = (torch.zeros if zero else torch.empty)(numel + slack, dtype=torch.float32)
         flat[numel:].zero_()
         out = torch.empty(0, dtype=torch.float32).set_(flat.untyped_storage(), 0, shape)
         kept.append(flat.untyped_storage())
@@ -470,6 +471,26 @@ def _spmm(lib, index: SparseIndex, transposed: bool, phase: int, nrows: int, *ar
         lib.er_spmm(nrows, _ptr(row_ptr) + 8 * phase * nrows, *common, band, bias, nt)
 
 
+def _packed_in_place(lib, x: Tensor, pad: tuple[int, ...], Hq: int, Wq: int) -> Tensor | None:  # noqa: ANN001
+    """``x``'s own storage as packed planes (1, C, Hq, Wq, B), when ``x`` is the interior of zero-bordered planes
+    of exactly this padding (what a sparse layer with ``out_border`` returns), else None."""
+    B, C, H, W = x.shape
+    pt, pb, pl, pr = pad
+    if Hq != H + pt + pb or Wq != W + pl + pr or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    want = (1, Hq * Wq * B, Wq * B, B)
+    if any(size != 1 and got != exp for size, got, exp in zip(x.shape, x.stride(), want)):
+        return None
+    base = x.storage_offset() - (pt * Wq + pl) * B
+    st = x.untyped_storage()
+    if base < 0 or st.nbytes() < 4 * (base + C * Hq * Wq * B + _SLACK):
+        return None
+    planes = torch.empty(0, dtype=torch.float32).set_(st, base, (1, C, Hq, Wq, B))
+    if not lib.er_border_zero(_ptr(planes), C, Hq, Wq, B, pt, pb, pl, pr):
+        return None
+    return planes
+
+
 def _forward(
     x: Tensor,
     vals: Tensor,
@@ -477,48 +498,54 @@ def _forward(
     index: SparseIndex,
     pad: tuple[int, ...],
     batch_last: bool = False,
+    out_border: tuple[int, int, int, int] | None = None,
+    read_in_place: bool = False,
 ):
     """The forward pass over packed planes: (output, packed input, geometry).
 
     With ``batch_last`` the output is returned in the kernels' own layout (see :func:`is_batch_last`), which
-    the next sparse layer packs with row copies instead of transposes."""
+    the next sparse layer packs with row copies instead of transposes. With ``out_border`` (top, bottom, left,
+    right) as well it is written into the interior of zero-bordered planes, and the (strided) interior is
+    returned: a stride-1 layer with that padding, called with ``read_in_place``, reads those planes as its packed
+    input after checking that the border is still zero (:func:`_packed_in_place`). Inference only: the packed
+    input is not copied, so it must not change before a backward pass."""
     lib = _lib()
     nt = torch.get_num_threads()
     B, C, H, W = x.shape
     OC, P = index.out_channels, index.phases
     OH, OW, Hq, Wq, offs, y_row, n_i, L, band = index.plan(B, C, H, W, pad)
     pt, pl = pad[0], pad[2]
-    xq = index.buffers.take("xq", (P, C, Hq, Wq, B), slack=_SLACK)
-    _pack(lib, x, xq, (B, C, H, W, *index.stride, pt, pl, Hq, Wq), nt)
+    xq = _packed_in_place(lib, x, pad, Hq, Wq) if read_in_place and P == 1 else None
+    if xq is None:
+        xq = index.buffers.take("xq", (P, C, Hq, Wq, B), slack=_SLACK)
+        _pack(lib, x, xq, (B, C, H, W, *index.stride, pt, pl, Hq, Wq), nt)
     row = Wq * B
     b = bias.detach().contiguous() if bias is not None else None
-    # batch-last results are computed in place when their rows have no columns past OW
-    y = (
-        index.buffers.take("out_bl", (OC, OH, OW * B))
-        if batch_last and y_row == OW * B
-        else _temp("y", (OC, OH, y_row))
-    )
     vals = vals.contiguous()
-    _spmm(
-        lib,
-        index,
-        False,
-        0,
-        OC,
-        _ptr(offs),
-        _ptr(vals),
-        _ptr(xq),
-        row,
-        _ptr(y),
-        OH * y_row,
-        y_row,
-        n_i,
-        L,
-        band,
-        _ptr(b) if batch_last else None,
-        nt,
-    )
+    padded = batch_last and out_border is not None and y_row == OW * B
+    if padded:  # into the interior of zero-bordered planes
+        bt, bb, bl, br = out_border
+        Hb, Wb = OH + bt + bb, OW + bl + br
+        planes = index.buffers.take("out_planes", (OC, Hb, Wb, B), slack=_SLACK, zero=True)
+        start = (bt * Wb + bl) * B
+        dst, dst_plane, dst_row = _ptr(planes) + 4 * start, Hb * Wb * B, Wb * B
+    else:  # batch-last results are computed in place when their rows have no columns past OW
+        y = (
+            index.buffers.take("out_bl", (OC, OH, OW * B))
+            if batch_last and y_row == OW * B
+            else _temp("y", (OC, OH, y_row))
+        )
+        dst, dst_plane, dst_row = _ptr(y), OH * y_row, y_row
+    args = (_ptr(offs), _ptr(vals), _ptr(xq), row, dst, dst_plane, dst_row, n_i, L, band)
+    _spmm(lib, index, False, 0, OC, *args, _ptr(b) if batch_last else None, nt)
     geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
+    if padded:
+        shape, strides = (B, OC, OH, OW), (1, Hb * Wb * B, Wb * B, B)
+        return (
+            torch.empty(0, dtype=torch.float32).set_(planes.untyped_storage(), start, shape, strides),
+            xq,
+            geom,
+        )
     if batch_last:
         if y_row != OW * B:  # drop the columns past OW
             out = index.buffers.take("out_bl", (OC, OH, OW * B))
@@ -537,13 +564,14 @@ def conv2d_values(
     index: SparseIndex,
     pad: tuple[int, ...],
     batch_last: bool = False,
+    out_border: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
     """Inference: the convolution of (B, C, H, W) ``x`` with the active ``values`` (forward order of ``index``).
 
     No autograd graph is recorded (export modules use it under ``torch.inference_mode`` or ``no_grad``). With
     ``batch_last`` the result lies in memory as (C, H, W, B) (see :func:`is_batch_last`); its values are the same.
     """
-    return _forward(x.detach(), values.detach(), bias, index, pad, batch_last)[0]
+    return _forward(x.detach(), values.detach(), bias, index, pad, batch_last, out_border, True)[0]
 
 
 class _SparseConv(torch.autograd.Function):

@@ -177,6 +177,14 @@ def test_sparse_convs_hand_batch_last_results_only_to_layers_that_take_any_layou
     # with a batch-last value, so that addition's result is made contiguous before the view
     plan = {"stem": True, "a": True, "b": True, "c": False}
     assert {n: m.batch_last_out for n, m in convs.items()} == plan
+    # `a` (through its in-place ReLU) feeds only `b`, stride 1, padding 1: it writes into b's padded planes;
+    # the stem feeds the pooling, `b` an addition whose result is another buffer
+    assert {n: m.out_border for n, m in convs.items()} == {
+        "stem": None,
+        "a": (1, 1, 1, 1),
+        "b": None,
+        "c": None,
+    }
     from er_lightning.export import BatchLastMaxPool2d
 
     assert isinstance(fast.pool, BatchLastMaxPool2d)

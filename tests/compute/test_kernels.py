@@ -259,3 +259,28 @@ def test_blocked_kernel_on_layers_with_many_weights_per_row(case):
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
     # weight gradients are sums over batch x map (up to 11k products): round-off relative to their scale
     torch.testing.assert_close(gw, rw * mask, rtol=1e-4, atol=1e-5 * float(rw.abs().max()))
+
+
+@pytest.mark.parametrize("batch", [32, 7])
+def test_results_written_into_the_next_layers_padded_planes_are_read_in_place(batch):
+    """A layer with out_border writes its batch-last result into zero-bordered planes; the next stride-1 layer
+    with that padding reads them without packing, and packs as usual once the border is no longer zero."""
+    from er_lightning.compute.functional import _lib, _packed_in_place
+
+    a, mask_a = _masked_conv(6, 8, (3, 3), 1, 1, 1, 0.4, seed=5)
+    b, mask_b = _masked_conv(8, 5, (3, 3), 1, 1, 1, 0.4, seed=6)
+    ia, ib = SparseIndex(mask_a), SparseIndex(mask_b)
+    va, vb = (c.weight.detach().reshape(-1)[i.flat_index] for c, i in ((a, ia), (b, ib)))
+    x = torch.randn(batch, 6, 9, 9)
+    with torch.no_grad():
+        ya = conv2d_values(x, va, a.bias, ia, (1, 1, 1, 1), batch_last=True, out_border=(1, 1, 1, 1))
+        torch.testing.assert_close(ya, a(x), rtol=1e-5, atol=1e-5)
+        assert _packed_in_place(_lib(), ya, (1, 1, 1, 1), 11, 11) is not None
+        assert _packed_in_place(_lib(), ya, (2, 0, 1, 1), 11, 11) is None  # another padding: packed as usual
+        ref = b(ya)
+        torch.testing.assert_close(conv2d_values(ya, vb, b.bias, ib, (1, 1, 1, 1)), ref, rtol=1e-5, atol=1e-5)
+        # a nonzero border cell (written through the storage) is caught: the layer packs and stays correct
+        planes = torch.empty(0).set_(ya.untyped_storage(), 0, (8, 11, 11, batch))
+        planes[3, 0, 5, 0] = 1.0
+        assert _packed_in_place(_lib(), ya, (1, 1, 1, 1), 11, 11) is None
+        torch.testing.assert_close(conv2d_values(ya, vb, b.bias, ib, (1, 1, 1, 1)), ref, rtol=1e-5, atol=1e-5)
