@@ -269,18 +269,21 @@ class SparseIndex:
         gradient of the same layer from earlier in this backward pass is still pending (a layer applied twice),
         a fresh zero tensor is returned instead and autograd adds it in.
         """
-        st = self._grad_storage
-        if (
-            st is not None
-            and _storage_use_count is not None
-            and st.nbytes() == 4 * weight.numel()
-            and _storage_use_count(st._cdata) == 1
-        ):
-            return torch.empty(0, dtype=torch.float32).set_(st, 0, weight.shape)
-        grad = torch.zeros(weight.shape, dtype=torch.float32)
-        if _storage_use_count is not None and (st is None or st.nbytes() != grad.untyped_storage().nbytes()):
-            self._grad_storage = grad.untyped_storage()
-        return grad
+        with self.buffers._lock:  # check and claim at once (see _Buffers)
+            st = self._grad_storage
+            if (
+                st is not None
+                and _storage_use_count is not None
+                and st.nbytes() == 4 * weight.numel()
+                and _storage_use_count(st._cdata) == 1
+            ):
+                return torch.empty(0, dtype=torch.float32).set_(st, 0, weight.shape)
+            grad = torch.zeros(weight.shape, dtype=torch.float32)
+            if _storage_use_count is not None and (
+                st is None or st.nbytes() != grad.untyped_storage().nbytes()
+            ):
+                self._grad_storage = grad.untyped_storage()
+            return grad
 
     def values(self, weight: Tensor) -> Tensor:
         """The active weights in forward order (one sequential pass over the weight)."""
@@ -317,6 +320,9 @@ class _Buffers:
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep
         self._slots: dict[str, list[torch.UntypedStorage]] = {}
+        # check-and-claim must be atomic: torch ops release the GIL, so two threads running one model could
+        # otherwise both see a storage free and claim it
+        self._lock = threading.Lock()
 
     def take(self, slot: str, shape: tuple[int, ...], slack: int = 0, zero: bool = False) -> Tensor:
         """A tensor of ``shape`` (uninitialised, or zeros when newly allocated with ``zero``), whose storage runs
@@ -325,17 +331,18 @@ class _Buffers:
         for n in shape:
             numel *= n
         nbytes = 4 * (numel + slack)
-        kept = self._slots.setdefault(slot, [])
-        if _storage_use_count is not None:
-            for st in kept:
-                if st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
-                    return torch.empty(0, dtype=torch.float32).set_(st, 0, shape)
-        flat = (torch.zeros if zero else torch.empty)(numel + slack, dtype=torch.float32)
-        flat[numel:].zero_()
-        out = torch.empty(0, dtype=torch.float32).set_(flat.untyped_storage(), 0, shape)
-        kept.append(flat.untyped_storage())
-        if len(kept) > self.keep:
-            kept.pop(0)
+        with self._lock:
+            kept = self._slots.setdefault(slot, [])
+            if _storage_use_count is not None:
+                for st in kept:
+                    if st.nbytes() == nbytes and _storage_use_count(st._cdata) == 1:
+                        return torch.empty(0, dtype=torch.float32).set_(st, 0, shape)
+            flat = (torch.zeros if zero else torch.empty)(numel + slack, dtype=torch.float32)
+            flat[numel:].zero_()
+            out = torch.empty(0, dtype=torch.float32).set_(flat.untyped_storage(), 0, shape)
+            kept.append(flat.untyped_storage())
+            if len(kept) > self.keep:
+                kept.pop(0)
         return out
 
     def clear(self) -> None:

@@ -237,3 +237,31 @@ def test_additions_and_relus_reuse_only_results_nothing_else_reads():
             torch.testing.assert_close(x, x0, rtol=0, atol=0)
     code = fast.code
     assert code.count("relu_(") == 1 and code.count("add_into(") == 1  # only around `b`
+
+
+def test_one_exported_model_serves_two_threads_at_once():
+    """Layer buffers are claimed atomically: two threads running the same export get their own memory."""
+    import threading
+
+    torch.manual_seed(2)
+    net = _Mixed().eval()
+    with torch.no_grad():
+        for conv in (net.stem, net.a, net.b, net.c, net.head):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    fast = to_sparse(net)
+    inputs = [torch.randn(16, 3, 8, 8) for _ in range(2)]
+    with torch.no_grad():
+        refs = [net(x) for x in inputs]
+    errors: list[float] = []
+
+    def worker(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(40):
+                errors.append(float((fast(inputs[i]) - refs[i]).abs().max()))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 80 and max(errors) < 1e-4
