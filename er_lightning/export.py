@@ -135,7 +135,9 @@ class SparseConv2d(_SparseLayer):
         self.out_border: tuple[int, int, int, int] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if supports(x, self.values) is None and not (torch.is_grad_enabled() and x.requires_grad):
+        if supports(x, self.values, self.weight_shape[0]) is None and not (
+            torch.is_grad_enabled() and x.requires_grad
+        ):
             unbatched = x.dim() == 3
             xb = x.unsqueeze(0) if unbatched else x
             y = conv2d_values(
@@ -172,7 +174,9 @@ class SparseLinear(_SparseLayer):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if supports(x, self.values) is None and not (torch.is_grad_enabled() and x.requires_grad):
+        if supports(x, self.values, self.weight_shape[0]) is None and not (
+            torch.is_grad_enabled() and x.requires_grad
+        ):
             lead = x.shape[:-1]
             y = conv2d_values(
                 x.reshape(-1, x.shape[-1], 1, 1), self.values, self.bias, self._sparse_index(), (0, 0, 0, 0)

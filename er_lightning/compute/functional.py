@@ -166,6 +166,7 @@ class SparseIndex:
         self._offsets: dict[tuple[bool, int, int, int], Tensor] = {}
         self._plans: dict[tuple, tuple] = {}
         self._blocks: dict[tuple[bool, int], tuple[int, Tensor]] = {}
+        self._block_sizes: dict[bool, int] = {}
         self._grad_storage: torch.UntypedStorage | None = None
         #: packed inputs, outputs and input gradients of this layer, reused from step to step (see _Buffers)
         self.buffers = _Buffers()
@@ -197,6 +198,12 @@ class SparseIndex:
         layers, 1.04-1.3x on 64-channel layers at density 0.05-0.1). The forward of a strided convolution is
         never blocked (its weights are not ordered by plane within a row).
         """
+        got = self._block_sizes.get(transposed)
+        if got is None:
+            got = self._block_sizes[transposed] = self._block_size(transposed)
+        return got
+
+    def _block_size(self, transposed: bool) -> int:
         if not transposed and self.phases != 1:
             return 0
         nplanes = self.out_channels if transposed else self.in_channels
@@ -383,15 +390,23 @@ def _lib():
     return lib
 
 
-def supports(x: Tensor, weight: Tensor) -> str | None:
-    """``None`` when the kernels can compute this call, else the reason they cannot."""
+def supports(x: Tensor, weight: Tensor, out_channels: int | None = None) -> str | None:
+    """``None`` when the kernels can compute this call, else the reason they cannot.
+
+    ``out_channels`` (default ``weight.shape[0]`` for a 2-D or 4-D weight) sizes the output planes, which must
+    fit the kernels' 32-bit offsets too (a layer that widens its input 32 times would otherwise fail mid-call).
+    """
     if load_kernels() is None:
         return "the sparse kernels are not built on this machine"
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return f"the kernels run on CPU only, tensors are on {x.device}"
     if x.dtype != torch.float32 or weight.dtype != torch.float32:
         return f"the kernels compute float32 only, got {x.dtype} input and {weight.dtype} weight"
-    if weight.numel() >= _INT32 or x.numel() >= _INT32 // 8:
+    if out_channels is None:
+        out_channels = int(weight.shape[0]) if weight.dim() in (2, 4) else 1
+    channels = int(x.shape[1]) if x.dim() == 4 else int(x.shape[-1]) if x.dim() else 1
+    widened = x.numel() * max(1.0, out_channels / max(channels, 1))  # output elements, at most about this
+    if weight.numel() >= _INT32 or max(x.numel(), widened) >= _INT32 // 8:
         return "tensors this large exceed the kernels' 32-bit offsets"
     return None
 

@@ -188,6 +188,13 @@ def test_index_rejects_wrong_shapes_and_supports_reports_why():
         sparse_conv2d(torch.randn(1, 2, 5, 5), torch.zeros(2, 2, 1, 1), None, SparseIndex(mask))
     assert "float32" in supports(torch.randn(2, 2, dtype=torch.float64), torch.randn(2, 2))
     assert supports(torch.randn(2, 2), torch.randn(2, 2)) is None
+    # sizes past the 32-bit offsets, from the input or from a widening layer's output (expanded: no memory)
+    big = torch.zeros(()).expand(64, 64, 256, 256)  # 2**28 elements
+    assert "32-bit" in supports(big, torch.zeros(8, 64, 3, 3))
+    wide_in = torch.zeros(()).expand(64, 8, 256, 256)  # 2**25 elements, 32x wider output
+    assert supports(wide_in, torch.zeros(8, 8, 3, 3)) is None
+    assert "32-bit" in supports(wide_in, torch.zeros(256, 8, 3, 3))
+    assert "32-bit" in supports(wide_in, torch.zeros(10), out_channels=256)
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
