@@ -47,6 +47,7 @@ from er_lightning.compute.functional import (
     to_batch_last,
     to_contiguous,
 )
+from er_lightning.compute.layout import layout_free as _layout_free
 
 __all__ = ["SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "to_sparse"]
 
@@ -235,41 +236,6 @@ class BatchLastMaxPool2d(nn.MaxPool2d):
         return super().forward(x)
 
 
-#: modules and functions whose result is an elementwise (or window-wise) function of their tensor inputs, in
-#: whatever memory layout those have: a batch-last tensor may flow through them into the next sparse layer
-_LAYOUT_FREE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.Hardtanh,
-    nn.SiLU,
-    nn.GELU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Identity,
-    nn.Dropout,
-    BatchLastMaxPool2d,
-)
-_LAYOUT_FREE_FUNCTIONS = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    torch.add,
-    torch.mul,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    nn.functional.relu,
-    nn.functional.relu6,
-    nn.functional.silu,
-    nn.functional.gelu,
-    nn.functional.leaky_relu,
-    nn.functional.dropout,
-}
-_LAYOUT_FREE_METHODS = {"relu", "relu_", "add", "add_", "mul", "mul_", "sigmoid", "tanh"}
-
-
 def _plan_batch_last(model: nn.Module) -> int:
     """Let sparse convolutions hand their results to the next sparse convolution in the kernels' own layout.
 
@@ -294,11 +260,7 @@ def _plan_batch_last(model: nn.Module) -> int:
         return n.op == "call_module" and isinstance(modules[n.target], SparseConv2d)
 
     def layout_free(n: fx.Node) -> bool:
-        if n.op == "call_module":
-            return isinstance(modules[n.target], _LAYOUT_FREE_MODULES)
-        if n.op == "call_function":
-            return n.target in _LAYOUT_FREE_FUNCTIONS
-        return n.op == "call_method" and n.target in _LAYOUT_FREE_METHODS
+        return _layout_free(n, modules, (BatchLastMaxPool2d,))
 
     def reaches_sparse_conv(n: fx.Node, seen: set[fx.Node]) -> bool:
         for user in n.users:

@@ -451,7 +451,10 @@ class SparsityCallback(Callback):
             return
         if self.router is not None:
             self.router.remove()
-        self.router = SparseComputeRouter(pl_module, self.masked, self.compute)
+        # the layout plan traces the module's children: training_step may call them without the module's forward
+        self.router = SparseComputeRouter(
+            pl_module, self.masked, self.compute, layout_scopes=list(pl_module.children())
+        )
 
     def needs_dense_gradients(self, trainer: pl.Trainer) -> bool:
         """Hook: whether the coming optimizer step needs dense weight gradients (e.g. RigL's growth at an update

@@ -646,3 +646,30 @@ void er_unpack_grad(const float *g, float *dx, int64_t B, int64_t C, int64_t H, 
     }
     free(pix);
 }
+
+/* As er_unpack_grad, into a batch-last dx (C, H, W, B): dx[c][h][w][b] = g[ph*sw + pw][c][i][j][b] (or 0), rows of
+ * B floats copied, no transposes (the input gradient of a layer whose input was batch-last). */
+void er_unpack_grad_bl(const float *g, float *dx, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pl, int64_t Hq, int64_t Wq, int nthreads) {
+    const int64_t HW = H * W, cstride = Hq * Wq * B;
+    int64_t *pix = phase_pixels(B, C, H, W, sh, sw, pt, pl, Hq, Wq);
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        for (int64_t h = 0; h < H; h++) {
+            const float *gc = g + c * cstride;
+            float *o = dx + (c * H + h) * W * B;
+            const int64_t *ph = pix + h * W;
+            if (sw == 1 && W > 0 && ph[0] >= 0 && ph[W - 1] == ph[0] + (W - 1) * B) { /* one run of the plane row */
+                memcpy(o, gc + ph[0], W * B * sizeof(float));
+                continue;
+            }
+            for (int64_t w = 0; w < W; w++) {
+                if (ph[w] >= 0)
+                    memcpy(o + w * B, gc + ph[w], B * sizeof(float));
+                else
+                    memset(o + w * B, 0, B * sizeof(float));
+            }
+        }
+    }
+    free(pix);
+}

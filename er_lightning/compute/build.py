@@ -50,6 +50,7 @@ _SIGNATURES = {
     "er_maxpool_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_out": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_grad": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
+    "er_unpack_grad_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
 }
 
 

@@ -599,14 +599,23 @@ def conv2d_values(
 class _SparseConv(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex, pad: tuple[int, ...]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        index: SparseIndex,
+        pad: tuple[int, ...],
+        batch_last: bool = False,
     ):
         vals = index.values(weight)
-        out, xq, geom = _forward(x, vals, bias, index, pad)
+        out, xq, geom = _forward(x, vals, bias, index, pad, batch_last)
         ctx.save_for_backward(xq, weight, vals)
         ctx.index = index
         ctx.geom = geom
         ctx.has_bias = bias is not None
+        # the input gradient is returned in the input's layout: a batch-last input came from a layer (or an
+        # activation of one) that computes batch-last, and its backward then reads rows instead of transposes
+        ctx.grad_batch_last = x.shape[0] > 1 and is_batch_last(x)
         return out
 
     @staticmethod
@@ -641,8 +650,7 @@ class _SparseConv(torch.autograd.Function):
                 C * B,
                 nt,
             )
-            grad_x = index.buffers.take("grad_x", (B, C, H, W))
-            lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+            grad_x = _unpack_grad(lib, ctx, gxq)
         elif ctx.needs_input_grad[0]:
             vals_t = index.transposed_values(vals)
             offs_t = index.offsets(True, gh * gw * B, gw * B, B)
@@ -675,8 +683,7 @@ class _SparseConv(torch.autograd.Function):
                     None,
                     nt,
                 )
-            grad_x = index.buffers.take("grad_x", (B, C, H, W))
-            lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), B, C, H, W, sh, sw, pt, pl, Hq, Wq, nt)
+            grad_x = _unpack_grad(lib, ctx, gxq)
         if ctx.needs_input_grad[1]:
             offs = index.offsets(False, Hq * Wq * B, Wq * B, B)
             grad_w = index.grad_buffer(weight)
@@ -704,7 +711,22 @@ class _SparseConv(torch.autograd.Function):
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(dim=(0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _unpack_grad(lib, ctx, gxq: Tensor) -> Tensor:  # noqa: ANN001
+    """The input gradient from its phase planes ``gxq``, in the layout the input had (NCHW or batch-last)."""
+    index: SparseIndex = ctx.index
+    B, C, H, W, _, _, Hq, Wq, pt, pl = ctx.geom
+    sh, sw = index.stride
+    args = (B, C, H, W, sh, sw, pt, pl, Hq, Wq, torch.get_num_threads())
+    if ctx.grad_batch_last:
+        grad_x = index.buffers.take("grad_x_bl", (C, H, W, B))
+        lib.er_unpack_grad_bl(_ptr(gxq), _ptr(grad_x), *args)
+        return grad_x.permute(3, 0, 1, 2)
+    grad_x = index.buffers.take("grad_x", (B, C, H, W))
+    lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), *args)
+    return grad_x
 
 
 def sparse_conv2d(
@@ -713,6 +735,7 @@ def sparse_conv2d(
     bias: Tensor | None,
     index: SparseIndex,
     padding: str | int | Sequence[int] = 0,
+    batch_last: bool = False,
 ) -> Tensor:
     """``F.conv2d(x, weight, bias, index.stride, padding, index.dilation)`` over the active weights of ``index``.
 
@@ -725,13 +748,16 @@ def sparse_conv2d(
         bias: optional (OC,) bias.
         index: the layer's :class:`SparseIndex` (built with this convolution's stride and dilation).
         padding: as ``nn.Conv2d`` takes it (int, pair, ``"same"``, ``"valid"``); zero padding only.
+        batch_last: return the result in the kernels' own (C, H, W, B) memory layout (see :func:`is_batch_last`;
+            same values and shape), which the next sparse layer reads without a transpose. Only for results that
+            reach nothing but layout-agnostic operations (``SparseComputeRouter`` plans where that holds).
     """
     if tuple(weight.shape) != index.shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, the index was built for {index.shape}")
     pad = conv_padding(padding, index.kernel, index.dilation)
     if x.dim() == 3:
         return _SparseConv.apply(x.unsqueeze(0), weight, bias, index, pad).squeeze(0)
-    return _SparseConv.apply(x, weight, bias, index, pad)
+    return _SparseConv.apply(x, weight, bias, index, pad, batch_last)
 
 
 def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex) -> Tensor:

@@ -29,13 +29,15 @@ from __future__ import annotations
 import logging
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from er_lightning.compute import SparseIndex, build_error, sparse_conv2d, sparse_linear, supports
+from er_lightning.compute.functional import is_batch_last
+from er_lightning.compute.layout import layout_free
 from er_lightning.masking.masked import MaskedParams
 
 __all__ = ["COMPUTE_MODES", "LayerRoute", "SparseComputeRouter"]
@@ -84,6 +86,10 @@ class LayerRoute:
         self._key: tuple[int, int] | None = None
         self.rebuilds = 0
         self.sparse_calls = 0
+        # the layout plan (see SparseComputeRouter): return results batch-last while ``scope`` runs, in the
+        # training modes listed in ``batch_last_modes``
+        self.scope: _Scope | None = None
+        self.batch_last_modes: frozenset[bool] = frozenset()
 
     def index(self, stride, dilation) -> SparseIndex:
         """The index of the current mask, rebuilt when the mask tensor changed."""
@@ -94,6 +100,11 @@ class LayerRoute:
             self._key = key
             self.rebuilds += 1
         return self._index
+
+    def batch_last(self) -> bool:
+        """Whether this call returns its result batch-last (the plan holds for the running forward)."""
+        scope = self.scope
+        return scope is not None and scope.depth > 0 and scope.training in self.batch_last_modes
 
     def _refuse(self, x: Tensor, weight: Tensor) -> str | None:
         if self.dense_step:
@@ -123,7 +134,7 @@ class LayerRoute:
             stride, dilation, padding = module.stride, module.dilation, module.padding
 
             def sparse(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-                return sparse_conv2d(a, w, b, self.index(stride, dilation), padding)
+                return sparse_conv2d(a, w, b, self.index(stride, dilation), padding, self.batch_last())
         else:
 
             def sparse(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -175,6 +186,101 @@ class LayerRoute:
         return choice
 
 
+class _Scope:
+    """Whether the forward of a traced module is running, and in which mode (kept by its forward hooks)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.depth = 0
+        self.training = module.training
+        self.handles = [
+            module.register_forward_pre_hook(self._enter),
+            module.register_forward_hook(self._exit, always_call=True),
+        ]
+
+    def _enter(self, module: nn.Module, args: object) -> None:
+        if self.depth == 0:
+            self.training = module.training
+        self.depth += 1
+
+    def _exit(self, module: nn.Module, args: object, output: object) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _batch_last_batchnorm(self: nn.BatchNorm2d, input: Tensor) -> Tensor:
+    """``BatchNorm2d.forward``, over a batch-last input's per-channel blocks (a batch-last result)."""
+    if input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input):
+        B, C, H, W = input.shape
+        # (C, H, W, B) in memory is a contiguous (1, C, H*W*B, 1) batch: the same statistics per channel
+        out = type(self).forward(self, input.permute(1, 2, 3, 0).reshape(1, C, H * W * B, 1))
+        return out.view(C, H, W, B).permute(3, 0, 1, 2)
+    return type(self).forward(self, input)
+
+
+def _traced(module: nn.Module, training: bool):  # noqa: ANN202
+    """``torch.fx`` graph of ``module`` in the given mode (its modes restored), or None when it does not trace."""
+    import torch.fx as fx
+
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.train(training)
+        return fx.symbolic_trace(module).graph
+    except Exception as e:  # noqa: BLE001 - any failure to trace only means no plan for this module
+        log.debug(
+            "er_lightning sparse compute: %s does not trace (%s: %s)",
+            type(module).__name__,
+            type(e).__name__,
+            e,
+        )
+        return None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, LayerRoute]):  # noqa: ANN001, ANN202
+    """(routed convs whose every result may be batch-last, BatchNorm2d modules such results reach) in ``graph``.
+
+    A convolution qualifies when everything reachable from its result through layout-free operations (the
+    tables of :mod:`er_lightning.compute.layout`, and ``BatchNorm2d``, which the router computes on the
+    batch-last blocks) is consumed only by layout-free operations and as the input of routed convolutions,
+    which read any layout: no view, no flatten, no other module, not the traced module's output."""
+    extra = (nn.BatchNorm2d,)
+
+    def routed_conv(n) -> nn.Module | None:  # noqa: ANN001
+        m = modules.get(n.target) if n.op == "call_module" else None
+        return m if m in convs else None
+
+    ok: dict[nn.Module, bool] = {}
+    reached: dict[nn.Module, set[nn.Module]] = {}
+    for node in graph.nodes:
+        conv = routed_conv(node)
+        if conv is None:
+            continue
+        good, seen, stack, bns = True, {node}, [node], set()
+        while stack and good:
+            value = stack.pop()
+            for user in value.users:
+                if user in seen:
+                    continue
+                if routed_conv(user) is not None and user.args == (value,) and not user.kwargs:
+                    continue  # read as a routed convolution's input
+                if not layout_free(user, modules, extra):
+                    good = False
+                    break
+                seen.add(user)
+                stack.append(user)
+                if user.op == "call_module" and type(modules[user.target]) is nn.BatchNorm2d:
+                    bns.add(modules[user.target])
+        ok[conv] = ok.get(conv, True) and good
+        reached.setdefault(conv, set()).update(bns)
+    switched = {c for c, good in ok.items() if good}
+    return switched, set().union(*(reached[c] for c in switched)) if switched else set()
+
+
 def _routed_conv_forward(self: nn.Conv2d, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     route: LayerRoute = self.__dict__[_ROUTE_ATTR]
     return route(self, input, weight, bias, lambda a, w, b: type(self)._conv_forward(self, a, w, b))
@@ -192,15 +298,33 @@ class SparseComputeRouter:
         model: the module whose layers hold the masked parameters (named as in ``masked``).
         masked: the callback's masks; the router always reads the current mask by name.
         mode: ``"sparse"`` or ``"auto"`` (``"dense"`` routes nothing).
+        layout_scopes: the modules whose forward is traced for the layout plan (default ``[model]``; a callback
+            passes the LightningModule's children, which its ``training_step`` may call without its ``forward``);
+            a module that does not trace is replaced by its children. ``[]`` switches the plan off.
+
+    **Layout plan.** The kernels compute in a batch-innermost layout, (C, H, W, B) in memory. A routed convolution
+    whose result reaches only activations, additions, ``BatchNorm2d`` and other routed convolutions (checked on
+    the ``torch.fx`` graph of its scope, in training and in evaluation mode) returns that result batch-last while
+    its scope's forward runs: the next routed convolution packs it with row copies instead of transposes, those
+    ``BatchNorm2d`` layers normalise its contiguous per-channel blocks, and the input gradient comes back in the
+    same layout. The values are the same; only the strides differ, and nothing outside the plan sees them.
     """
 
-    def __init__(self, model: nn.Module, masked: MaskedParams, mode: Compute) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        masked: MaskedParams,
+        mode: Compute,
+        layout_scopes: Sequence[nn.Module] | None = None,
+    ) -> None:
         if mode not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {list(COMPUTE_MODES)}, got {mode!r}")
         self.mode = mode
         self.routes: dict[str, LayerRoute] = {}
         self.dense_layers: dict[str, str] = {}
         self._modules: list[nn.Module] = []
+        self._scopes: list[_Scope] = []
+        self.batch_last_layers: list[str] = []  # FQNs of the weights of the layers the layout plan switched
         if mode == "dense":
             return
         error = build_error()
@@ -230,6 +354,45 @@ class SparseComputeRouter:
             self._modules.append(module)
         for name, reason in self.dense_layers.items():
             log.info("er_lightning sparse compute: %s computes dense: %s", name, reason)
+        self._plan_layouts([model] if layout_scopes is None else list(layout_scopes))
+
+    def _plan_layouts(self, scopes: list[nn.Module]) -> None:
+        """Trace ``scopes`` and switch the convolutions the plan allows (see the class doc)."""
+        convs = {m: m.__dict__[_ROUTE_ATTR] for m in self._modules if m.__dict__[_ROUTE_ATTR].kind == "conv"}
+        while scopes:
+            scope = scopes.pop(0)
+            inner = [m for m in scope.modules() if m in convs]
+            if not inner or scope in convs:
+                continue
+            graphs = [_traced(scope, mode) for mode in (True, False)]
+            if any(g is None for g in graphs):
+                scopes[:0] = list(scope.children())
+                continue
+            modules = dict(scope.named_modules())
+            plans = [_plan_graph(g, modules, convs) for g in graphs]
+            state = None
+            for conv in inner:
+                modes = frozenset(
+                    mode for mode, (switched, _) in zip((True, False), plans) if conv in switched
+                )
+                if not modes:
+                    continue
+                state = state or _Scope(scope)
+                convs[conv].scope, convs[conv].batch_last_modes = state, modes
+                self.batch_last_layers.append(convs[conv].name)
+            if state is None:
+                continue
+            self._scopes.append(state)
+            for bn in plans[0][1] | plans[1][1]:
+                if "forward" not in bn.__dict__:
+                    bn.forward = types.MethodType(_batch_last_batchnorm, bn)
+                    self._modules.append(bn)
+        if self.batch_last_layers:
+            log.info(
+                "er_lightning sparse compute: %d of %d routed convolutions hand their results on batch-last",
+                len(self.batch_last_layers),
+                len(convs),
+            )
 
     def set_dense_step(self, flag: bool) -> None:
         """Compute the coming forward/backward densely (a step whose growth rule needs the dense gradient)."""
@@ -249,5 +412,11 @@ class SparseComputeRouter:
             module.__dict__.pop(_ROUTE_ATTR, None)
             module.__dict__.pop("_conv_forward", None)
             module.__dict__.pop("forward", None)
+        for scope in self._scopes:
+            scope.remove()
+        for route in self.routes.values():
+            route.scope, route.batch_last_modes = None, frozenset()
         self._modules.clear()
+        self._scopes.clear()
+        self.batch_last_layers.clear()
         self.routes.clear()

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 # (batch, in, out, H, W, kernel, stride, padding, dilation): batch 1 and 7, odd sizes, stride 2 and 3,
-# padding 0 / 2 / "same", dilation 2, non-square kernels, a 1x1 shortcut, batches past the 16-wide blocks.
+# padding 0 / 2 / "same", dilation 2, non-square kernels, a 1x1 shortcut, batches past the 16-wide blocks,
+# input pixels no output reads.
 CONV_CASES = [
     (1, 3, 5, 7, 7, (3, 3), 1, 1, 1),
     (7, 4, 6, 9, 8, (3, 3), 2, 1, 1),
@@ -45,6 +46,7 @@ CONV_CASES = [
     (48, 3, 3, 16, 33, (1, 3), (1, 2), (0, 1), 1),
     (2, 3, 4, 9, 9, (3, 3), 3, 2, 1),
     (1, 2, 3, 5, 5, (5, 5), 1, 0, 1),
+    (3, 2, 3, 10, 10, (3, 3), 3, 0, 1),  # the last input row and column reach no output
 ]
 
 
@@ -74,6 +76,48 @@ def test_conv_forward_and_gradients_match_dense(case):
     torch.testing.assert_close(gw, rw * mask, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gb, rb, rtol=1e-5, atol=1e-4)
     assert int((gw[~mask] != 0).sum()) == 0  # weight gradient only at active positions
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_batch_last_training_layout_in_out_and_gradients(case):
+    # the router's layout plan: a batch-last input and batch_last=True give a batch-last result, and the input
+    # gradient comes back batch-last too (er_unpack_grad_bl), all equal to the dense convolution's
+    b, cin, cout, h, w, kernel, stride, padding, dilation = case
+    conv, mask = _masked_conv(cin, cout, kernel, stride, padding, dilation, 0.3)
+    index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    take = index.buffers.take
+
+    def garbage(slot, shape, slack=0, zero=False):  # every cell a kernel leaves unwritten reads NaN
+        out = take(slot, shape, slack, zero)
+        return out if zero else out.fill_(float("nan"))
+
+    index.buffers.take = garbage
+    x = to_batch_last(torch.randn(b, cin, h, w)).requires_grad_(True)
+    y = sparse_conv2d(x, conv.weight, conv.bias, index, padding=conv.padding, batch_last=True)
+    ref = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    assert is_batch_last(y) and y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = to_batch_last(torch.randn_like(ref))
+    gx, gw, gb = torch.autograd.grad(y, [x, conv.weight, conv.bias], g)
+    rx, rw, rb = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
+    assert is_batch_last(gx) and (b == 1 or not gx.is_contiguous())
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, rw * mask, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, rb, rtol=1e-5, atol=1e-4)
+    # an NCHW input keeps an NCHW input gradient, whatever the result's layout
+    xn = torch.randn(b, cin, h, w, requires_grad=True)
+    (gxn,) = torch.autograd.grad(
+        sparse_conv2d(xn, conv.weight, None, index, conv.padding, batch_last=True), xn, g
+    )
+    assert gxn.is_contiguous()
+    torch.testing.assert_close(
+        gxn,
+        torch.autograd.grad(F.conv2d(xn, conv.weight, None, conv.stride, conv.padding, conv.dilation), xn, g)[
+            0
+        ],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_conv_density_extremes_and_empty_rows():
