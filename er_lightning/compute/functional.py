@@ -438,6 +438,17 @@ def is_batch_last(t: Tensor) -> bool:
     return True
 
 
+def batch_last_view(t: Tensor) -> Tensor:
+    """The contiguous (C, H, W, B) tensor ``t`` seen as the (B, C, H, W) batch-last tensor it holds.
+
+    Not an autograd view (``set_`` on the same storage): a custom Function's output that is a view of one of
+    its intermediates may not be modified in place, and an in-place ReLU on a layer's result is common."""
+    C, H, W, B = t.shape
+    strides = (1, H * W * B, W * B, B)
+    with torch.no_grad():
+        return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (B, C, H, W), strides)
+
+
 def _pack(lib, t: Tensor, out: Tensor, geometry: tuple[int, ...], nt: int) -> None:  # noqa: ANN001
     """Phase planes of ``t`` (B, C, H, W) into ``out``: row copies from a batch-last ``t``, transposes otherwise."""
     if is_batch_last(t):
@@ -465,7 +476,7 @@ def to_batch_last(x: Tensor) -> Tensor:
     src = x.contiguous()
     out = torch.empty((C, H, W, B), dtype=torch.float32)
     _lib().er_pack(_ptr(src), _ptr(out), B, C, H, W, 1, 1, 0, 0, H, W, torch.get_num_threads())
-    return out.permute(3, 0, 1, 2)
+    return batch_last_view(out)
 
 
 def max_pool2d_batch_last(x: Tensor, kernel: tuple[int, int]) -> Tensor:
@@ -474,7 +485,7 @@ def max_pool2d_batch_last(x: Tensor, kernel: tuple[int, int]) -> Tensor:
     kh, kw = kernel
     out = torch.empty((C, H // kh, W // kw, B), dtype=torch.float32)
     _lib().er_maxpool_bl(_ptr(x), _ptr(out), B, C, H, W, kh, kw, torch.get_num_threads())
-    return out.permute(3, 0, 1, 2)
+    return batch_last_view(out)
 
 
 def _spmm(lib, index: SparseIndex, transposed: bool, phase: int, nrows: int, *args: int) -> None:  # noqa: ANN001
@@ -573,7 +584,7 @@ def _forward(
             out = index.buffers.take("out_bl", (OC, OH, OW * B))
             out.view(OC, OH, OW, B).copy_(y.view(OC, OH, Wq, B)[:, :, :OW])
             y = out
-        return y.view(OC, OH, OW, B).permute(3, 0, 1, 2), xq, geom
+        return batch_last_view(y.view(OC, OH, OW, B)), xq, geom
     out = index.buffers.take("out", (B, OC, OH, OW))
     lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
     return out, xq, geom

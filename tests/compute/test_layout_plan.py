@@ -173,3 +173,19 @@ def test_batchnorm_on_batch_last_blocks_equals_batchnorm(momentum):
     x = torch.randn(5, 6, 4, 3)
     torch.testing.assert_close(_batch_last_batchnorm(ours, to_batch_last(x)), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_batch_last_batchnorm(ours, x), ref(x))  # NCHW input: BatchNorm2d itself
+
+
+def test_in_place_activation_on_a_batch_last_result_keeps_the_gradients():
+    # a batch-last result is a tensor of its own, not an autograd view: ReLU(inplace=True) may modify it
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 5, 3, padding=1), nn.Flatten()
+    )
+    x = torch.randn(6, 3, 5, 5)
+    router = _router(net)
+    assert router.batch_last_layers == ["0.weight"]
+    got = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+    router.remove()
+    want = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+    for p, g, w in zip(net.parameters(), got, want):  # weight gradients at the active weights only
+        torch.testing.assert_close(g, w * (p != 0) if p.dim() > 1 else w, rtol=1e-4, atol=1e-5)
