@@ -673,3 +673,56 @@ void er_unpack_grad_bl(const float *g, float *dx, int64_t B, int64_t C, int64_t 
     }
     free(pix);
 }
+
+/* Batch normalisation in training mode over the rows x[c] of N contiguous floats (the channel blocks of a
+ * batch-last tensor): per row the mean and the biased variance (two passes while the row sits in L2, partial
+ * sums of 1024 floats in vectors, added up in double), then y = x * scale + shift with scale = w * invstd and
+ * shift = b - mean * scale (w, b NULL: 1, 0). Writes mean[c] and invstd[c]; with running statistics (rm, rv not
+ * NULL) also rm = (1 - f) rm + f mean and rv = (1 - f) rv + f var N / (N - 1), as torch's batch_norm. */
+void er_bn_train(const float *x, float *y, int64_t C, int64_t N, const float *w, const float *b, double eps,
+                 double f, float *rm, float *rv, float *mean, float *invstd, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; c++) {
+        const float *xc = x + c * N;
+        float *yc = y + c * N;
+        double sum = 0.0;
+        int64_t u = 0;
+        for (; u + 1024 <= N; u += 1024) {
+            vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+            for (int64_t k = u; k < u + 1024; k += 4 * VL) {
+                s0 += ld(xc + k), s1 += ld(xc + k + VL), s2 += ld(xc + k + 2 * VL), s3 += ld(xc + k + 3 * VL);
+            }
+            sum += hsum((s0 + s1) + (s2 + s3));
+        }
+        for (; u < N; u++) sum += xc[u];
+        const double m = sum / (double)N;
+        const float mf = (float)m;
+        double sq = 0.0;
+        u = 0;
+        for (; u + 1024 <= N; u += 1024) {
+            vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+            for (int64_t k = u; k < u + 1024; k += 4 * VL) {
+                const vf d0 = ld(xc + k) - mf, d1 = ld(xc + k + VL) - mf;
+                const vf d2 = ld(xc + k + 2 * VL) - mf, d3 = ld(xc + k + 3 * VL) - mf;
+                s0 += d0 * d0, s1 += d1 * d1, s2 += d2 * d2, s3 += d3 * d3;
+            }
+            sq += hsum((s0 + s1) + (s2 + s3));
+        }
+        for (; u < N; u++) {
+            const double d = (double)xc[u] - m;
+            sq += d * d;
+        }
+        const double var = sq / (double)N, inv = 1.0 / __builtin_sqrt(var + eps);
+        const double sc = (w ? (double)w[c] : 1.0) * inv, sh = (b ? (double)b[c] : 0.0) - m * sc;
+        const float scf = (float)sc, shf = (float)sh;
+        u = 0;
+        for (; u + VL <= N; u += VL) st(yc + u, ld(xc + u) * scf + shf);
+        for (; u < N; u++) yc[u] = xc[u] * scf + shf;
+        mean[c] = mf;
+        invstd[c] = (float)inv;
+        if (rm && rv) {
+            rm[c] = (float)((1.0 - f) * (double)rm[c] + f * m);
+            rv[c] = (float)((1.0 - f) * (double)rv[c] + f * var * (double)N / (double)(N - 1));
+        }
+    }
+}

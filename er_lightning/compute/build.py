@@ -29,15 +29,16 @@ __all__ = ["kernel_cache_dir", "kernels_available", "load_kernels", "build_error
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_kernels.c")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _error: str | None = None
 
-_i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_i64, _i32, _ptr, _f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
 _RETURNS_INT = {"er_border_zero"}
 _SIGNATURES = {
+    "er_bn_train": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _f64, _f64, _ptr, _ptr, _ptr, _ptr, _i32],
     "er_border_zero": [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64],
     "er_gather": [_ptr, _ptr, _i64, _ptr, _i32],
     "er_offsets": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i32],

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from er_lightning.compute.build import load_kernels
+from er_lightning.compute.build import build_error, load_kernels
 
 __all__ = [
     "SparseIndex",
@@ -446,7 +446,9 @@ def batch_last_view(t: Tensor) -> Tensor:
     C, H, W, B = t.shape
     strides = (1, H * W * B, W * B, B)
     with torch.no_grad():
-        return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (B, C, H, W), strides)
+        return torch.empty(0, dtype=t.dtype).set_(
+            t.untyped_storage(), t.storage_offset(), (B, C, H, W), strides
+        )
 
 
 def _pack(lib, t: Tensor, out: Tensor, geometry: tuple[int, ...], nt: int) -> None:  # noqa: ANN001
@@ -738,6 +740,87 @@ def _unpack_grad(lib, ctx, gxq: Tensor) -> Tensor:  # noqa: ANN001
     grad_x = index.buffers.take("grad_x", (B, C, H, W))
     lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), *args)
     return grad_x
+
+
+class _BatchNormBatchLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps):  # noqa: ANN001
+        B, C, H, W = x.shape
+        xc = x.permute(1, 2, 3, 0)  # contiguous: batch-last
+        y = torch.empty((C, H, W, B), dtype=torch.float32)
+        mean, invstd = torch.empty(C), torch.empty(C)
+        _lib().er_bn_train(
+            _ptr(xc),
+            _ptr(y),
+            C,
+            B * H * W,
+            _ptr(weight),
+            _ptr(bias),
+            eps,
+            factor,
+            _ptr(running_mean),
+            _ptr(running_var),
+            _ptr(mean),
+            _ptr(invstd),
+            torch.get_num_threads(),
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return batch_last_view(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, mean, invstd = ctx.saved_tensors
+        B, C, H, W = x.shape
+        need = ctx.needs_input_grad
+        g = grad.permute(1, 2, 3, 0).reshape(1, C, B * H * W, 1)  # a copy only when grad is not batch-last
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g,
+            x.permute(1, 2, 3, 0).reshape(1, C, B * H * W, 1),
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            [need[0], weight is not None and need[1], need[2]],
+        )
+        if gx is not None:
+            gx = gx.view(C, H, W, B).permute(3, 0, 1, 2)
+        return gx, gw, gb, None, None, None, None
+
+
+def batch_norm_batch_last(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    factor: float,
+    eps: float,
+) -> Tensor | None:
+    """``F.batch_norm(x, running_mean, running_var, weight, bias, training=True, factor, eps)`` of a batch-last
+    float32 CPU ``x`` with more than one sample (a batch-last result), or None where the kernel does not apply.
+
+    Each channel's values lie contiguously in a batch-last tensor: the statistics, the normalisation and the
+    running-statistics update are one pass of the kernel per channel (torch's batch_norm on this layout, or on
+    the same memory seen as a (1, C, H*W*B, 1) batch, is 1.5-2x slower); the backward pass is torch's own
+    ``native_batch_norm_backward`` on that (1, C, H*W*B, 1) view."""
+    tensors = [t for t in (weight, bias, running_mean, running_var) if t is not None]
+    if (
+        x.dim() != 4
+        or x.shape[0] < 2
+        or not is_batch_last(x)
+        or (running_mean is None) != (running_var is None)
+        or any(
+            t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+            for t in [x.permute(1, 2, 3, 0), *tensors]
+        )
+        or build_error() is not None
+    ):
+        return None
+    return _BatchNormBatchLast.apply(x, weight, bias, running_mean, running_var, float(factor), float(eps))
 
 
 def sparse_conv2d(

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from er_lightning.compute import SparseIndex, build_error, sparse_conv2d, sparse_linear, supports
-from er_lightning.compute.functional import is_batch_last
+from er_lightning.compute.functional import batch_norm_batch_last, is_batch_last
 from er_lightning.compute.layout import layout_free
 from er_lightning.masking.masked import MaskedParams
 
@@ -212,12 +212,22 @@ class _Scope:
 
 def _batch_last_batchnorm(self: nn.BatchNorm2d, input: Tensor) -> Tensor:
     """``BatchNorm2d.forward``, over a batch-last input's per-channel blocks (a batch-last result)."""
-    if input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input):
-        B, C, H, W = input.shape
-        # (C, H, W, B) in memory is a contiguous (1, C, H*W*B, 1) batch: the same statistics per channel
-        out = type(self).forward(self, input.permute(1, 2, 3, 0).reshape(1, C, H * W * B, 1))
-        return out.view(C, H, W, B).permute(3, 0, 1, 2)
-    return type(self).forward(self, input)
+    if not (input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input)):
+        return type(self).forward(self, input)
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        # BatchNorm2d.forward's bookkeeping (the count; the cumulative average when momentum is None), the kernel
+        factor = 1.0 / float(self.num_batches_tracked + 1) if self.momentum is None else self.momentum
+        out = batch_norm_batch_last(
+            input, self.weight, self.bias, self.running_mean, self.running_var, factor, self.eps
+        )
+        if out is not None:
+            self.num_batches_tracked.add_(1)
+            return out
+    # evaluation, no running statistics, other dtypes: (C, H, W, B) in memory is a contiguous (1, C, H*W*B, 1)
+    # batch with the same statistics per channel, which BatchNorm2d's own forward normalises
+    B, C, H, W = input.shape
+    out = type(self).forward(self, input.permute(1, 2, 3, 0).reshape(1, C, H * W * B, 1))
+    return out.view(C, H, W, B).permute(3, 0, 1, 2)
 
 
 def _traced(module: nn.Module, training: bool):  # noqa: ANN202

@@ -147,21 +147,24 @@ def test_fit_with_the_plan_matches_dense_compute(tmp_path, batch_size):
             assert torch.equal(p, q), name  # num_batches_tracked
 
 
+@pytest.mark.parametrize("shape", [(5, 6, 4, 3), (7, 3, 13, 15)])  # per channel 60 and 1365 values
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_batchnorm_on_batch_last_blocks_equals_batchnorm(momentum):
+def test_batchnorm_on_batch_last_blocks_equals_batchnorm(momentum, shape):
     torch.manual_seed(0)
-    ref = nn.BatchNorm2d(6, momentum=momentum)
+    C = shape[1]
+    ref = nn.BatchNorm2d(C, momentum=momentum)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 2)
         ref.bias.uniform_(-1, 1)
-    ours = type(ref)(6, momentum=momentum)
+    ours = type(ref)(C, momentum=momentum)
     ours.load_state_dict(ref.state_dict())
     for step in range(3):
-        x = torch.randn(5, 6, 4, 3) * (step + 1) + step
-        g = torch.randn(5, 6, 4, 3)
+        x = torch.randn(shape) * (step + 1) + 3 * step
+        g = torch.randn(shape)
         xa, xb = x.clone().requires_grad_(True), to_batch_last(x).requires_grad_(True)
         ya, yb = ref(xa), _batch_last_batchnorm(ours, xb)
         assert is_batch_last(yb) and not yb.is_contiguous()
+        assert type(yb.grad_fn).__name__ == "_BatchNormBatchLastBackward"  # the kernel, not the fallback
         torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
         ga = torch.autograd.grad(ya, [xa, ref.weight, ref.bias], g)
         gb = torch.autograd.grad(yb, [xb, ours.weight, ours.bias], to_batch_last(g))
@@ -170,7 +173,7 @@ def test_batchnorm_on_batch_last_blocks_equals_batchnorm(momentum):
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     ref.eval(), ours.eval()
-    x = torch.randn(5, 6, 4, 3)
+    x = torch.randn(shape)
     torch.testing.assert_close(_batch_last_batchnorm(ours, to_batch_last(x)), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_batch_last_batchnorm(ours, x), ref(x))  # NCHW input: BatchNorm2d itself
 
