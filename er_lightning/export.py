@@ -48,6 +48,7 @@ from er_lightning.compute.functional import (
     to_contiguous,
 )
 from er_lightning.compute.layout import layout_free as _layout_free
+from er_lightning.compute.layout import pool_window
 
 __all__ = ["SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "to_sparse"]
 
@@ -212,26 +213,9 @@ class BatchLastMaxPool2d(nn.MaxPool2d):
         new.train(pool.training)
         return new
 
-    def _window(self) -> tuple[int, int] | None:
-        def pair(v: Any) -> tuple[int, int]:
-            return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-        k, st = pair(self.kernel_size), pair(self.stride if self.stride is not None else self.kernel_size)
-        if k != st or pair(self.padding) != (0, 0) or pair(self.dilation) != (1, 1):
-            return None
-        if self.ceil_mode or self.return_indices:
-            return None
-        return k
-
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        window = self._window()
-        if (
-            window is not None
-            and is_batch_last(x)
-            and not x.is_contiguous()
-            and supports(x, x) is None
-            and not (torch.is_grad_enabled() and x.requires_grad)
-        ):
+        window = pool_window(self)
+        if window is not None and is_batch_last(x) and not x.is_contiguous() and supports(x, x) is None:
             return max_pool2d_batch_last(x, window)
         return super().forward(x)
 

@@ -726,3 +726,55 @@ void er_bn_train(const float *x, float *y, int64_t C, int64_t N, const float *w,
         }
     }
 }
+
+/* Gradient of er_maxpool_bl: dx (C, H, W, B) = g (C, OH, OW, B) at the element each window's maximum came from
+ * (the first maximum in row-major window order, the last NaN, as torch's max_pool2d picks), 0 elsewhere
+ * (rows and columns past OH*kh, OW*kw included). */
+void er_maxpool_bl_grad(const float *x, const float *g, float *dx, int64_t B, int64_t C, int64_t H, int64_t W,
+                        int64_t kh, int64_t kw, int nthreads) {
+    const int64_t OH = H / kh, OW = W / kw, K = kh * kw;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static)
+    for (int64_t c = 0; c < C; c++) {
+        for (int64_t i = 0; i < OH; i++) {
+            for (int64_t a = 0; a < kh; a++) { /* columns no window covers */
+                float *row = dx + ((c * H + i * kh + a) * W) * B;
+                if (OW * kw < W) memset(row + OW * kw * B, 0, (W - OW * kw) * B * sizeof(float));
+            }
+            for (int64_t j = 0; j < OW; j++) {
+                const int64_t base = ((c * H + i * kh) * W + j * kw) * B;
+                const float *src = x + base, *gr = g + ((c * OH + i) * OW + j) * B;
+                float *dst = dx + base;
+                int64_t u = 0;
+                for (; u + VL <= B; u += VL) {
+                    vf m = ld(src + u);
+                    vi idx = {0};
+                    for (int64_t k = 0; k < K; k++) {
+                        const vf v = ld(src + ((k / kw) * W + k % kw) * B + u);
+                        const vi take = (v > m) | (v != v);
+                        m = (vf)(((vi)v & take) | ((vi)m & ~take));
+                        idx = (idx & ~take) | ((vi){0} + (int32_t)k & take);
+                    }
+                    const vf gv = ld(gr + u);
+                    for (int64_t k = 0; k < K; k++) {
+                        const vi hit = idx == (int32_t)k;
+                        st(dst + ((k / kw) * W + k % kw) * B + u, (vf)((vi)gv & hit));
+                    }
+                }
+                for (; u < B; u++) {
+                    float m = src[u];
+                    int64_t best = 0;
+                    for (int64_t k = 0; k < K; k++) {
+                        const float v = src[((k / kw) * W + k % kw) * B + u];
+                        if (v > m || v != v) m = v, best = k;
+                    }
+                    for (int64_t k = 0; k < K; k++) dst[((k / kw) * W + k % kw) * B + u] = k == best ? gr[u] : 0.f;
+                }
+            }
+        }
+    }
+    /* rows no window covers */
+    if (OH * kh < H) {
+        for (int64_t c = 0; c < C; c++)
+            memset(dx + (c * H + OH * kh) * W * B, 0, (H - OH * kh) * W * B * sizeof(float));
+    }
+}

@@ -49,6 +49,7 @@ _SIGNATURES = {
     "er_pack": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_pack_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_maxpool_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
+    "er_maxpool_bl_grad": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_out": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_grad": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_grad_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],

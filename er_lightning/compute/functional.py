@@ -481,13 +481,32 @@ def to_batch_last(x: Tensor) -> Tensor:
     return batch_last_view(out)
 
 
+class _MaxPoolBatchLast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, kh: int, kw: int):
+        B, C, H, W = x.shape
+        out = torch.empty((C, H // kh, W // kw, B), dtype=torch.float32)
+        _lib().er_maxpool_bl(_ptr(x), _ptr(out), B, C, H, W, kh, kw, torch.get_num_threads())
+        ctx.save_for_backward(x)
+        ctx.window = (kh, kw)
+        return batch_last_view(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        B, C, H, W = x.shape
+        kh, kw = ctx.window
+        g = grad.permute(1, 2, 3, 0).contiguous()  # a copy only when grad is not batch-last
+        dx = torch.empty((C, H, W, B), dtype=torch.float32)
+        _lib().er_maxpool_bl_grad(_ptr(x), _ptr(g), _ptr(dx), B, C, H, W, kh, kw, torch.get_num_threads())
+        return batch_last_view(dx), None, None
+
+
 def max_pool2d_batch_last(x: Tensor, kernel: tuple[int, int]) -> Tensor:
-    """``F.max_pool2d(x, kernel)`` (stride = kernel, no padding) of a batch-last ``x``, batch-last result."""
-    B, C, H, W = x.shape
-    kh, kw = kernel
-    out = torch.empty((C, H // kh, W // kw, B), dtype=torch.float32)
-    _lib().er_maxpool_bl(_ptr(x), _ptr(out), B, C, H, W, kh, kw, torch.get_num_threads())
-    return batch_last_view(out)
+    """``F.max_pool2d(x, kernel)`` (stride = kernel, no padding) of a batch-last float32 CPU ``x``, batch-last
+    result; differentiable (the gradient goes to the element torch's max_pool2d takes: the first maximum of the
+    window in row-major order, the last NaN)."""
+    return _MaxPoolBatchLast.apply(x, int(kernel[0]), int(kernel[1]))
 
 
 def _spmm(lib, index: SparseIndex, transposed: bool, phase: int, nrows: int, *args: int) -> None:  # noqa: ANN001

@@ -11,11 +11,18 @@ else at all.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LAYOUT_FREE_FUNCTIONS", "LAYOUT_FREE_METHODS", "LAYOUT_FREE_MODULES", "layout_free"]
+__all__ = [
+    "LAYOUT_FREE_FUNCTIONS",
+    "LAYOUT_FREE_METHODS",
+    "LAYOUT_FREE_MODULES",
+    "layout_free",
+    "pool_window",
+]
 
 #: modules whose result is an elementwise function of their input, in whatever memory layout that has
 LAYOUT_FREE_MODULES: tuple[type[nn.Module], ...] = (
@@ -61,3 +68,19 @@ def layout_free(node, modules: dict[str, nn.Module], extra_modules: tuple[type, 
     if node.op == "call_function":
         return node.target in LAYOUT_FREE_FUNCTIONS
     return node.op == "call_method" and node.target in LAYOUT_FREE_METHODS
+
+
+def pool_window(pool: nn.MaxPool2d) -> tuple[int, int] | None:
+    """The window of a max pooling the batch-last kernel computes (window = stride, no padding, dilation 1, no
+    ``ceil_mode`` or ``return_indices``), else None."""
+
+    def pair(v: Any) -> tuple[int, int]:
+        return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+    k = pair(pool.kernel_size)
+    st = pair(pool.stride if pool.stride is not None and pool.stride != () else pool.kernel_size)
+    if k != st or pair(pool.padding) != (0, 0) or pair(pool.dilation) != (1, 1):
+        return None
+    if pool.ceil_mode or pool.return_indices:
+        return None
+    return k

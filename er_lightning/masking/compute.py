@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from er_lightning.compute import SparseIndex, build_error, sparse_conv2d, sparse_linear, supports
-from er_lightning.compute.functional import batch_norm_batch_last, is_batch_last
-from er_lightning.compute.layout import layout_free
+from er_lightning.compute.functional import batch_norm_batch_last, is_batch_last, max_pool2d_batch_last
+from er_lightning.compute.layout import layout_free, pool_window
 from er_lightning.masking.masked import MaskedParams
 
 __all__ = ["COMPUTE_MODES", "LayerRoute", "SparseComputeRouter"]
@@ -230,6 +230,22 @@ def _batch_last_batchnorm(self: nn.BatchNorm2d, input: Tensor) -> Tensor:
     return out.view(C, H, W, B).permute(3, 0, 1, 2)
 
 
+def _batch_last_max_pool(self: nn.MaxPool2d, input: Tensor) -> Tensor:
+    """``MaxPool2d.forward``, with the kernels for a batch-last input (a batch-last result)."""
+    window = pool_window(self)
+    batch_last = input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input)
+    if window is not None and batch_last and supports(input, input) is None:
+        return max_pool2d_batch_last(input, window)
+    return type(self).forward(self, input)
+
+
+def _planned_module(module: nn.Module | None) -> bool:
+    """Modules the plan computes on batch-last inputs itself (their forward is routed)."""
+    if type(module) is nn.BatchNorm2d:
+        return True
+    return type(module) is nn.MaxPool2d and pool_window(module) is not None
+
+
 def _traced(module: nn.Module, training: bool):  # noqa: ANN202
     """``torch.fx`` graph of ``module`` in the given mode (its modes restored), or None when it does not trace."""
     import torch.fx as fx
@@ -252,13 +268,13 @@ def _traced(module: nn.Module, training: bool):  # noqa: ANN202
 
 
 def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, LayerRoute]):  # noqa: ANN001, ANN202
-    """(routed convs whose every result may be batch-last, BatchNorm2d modules such results reach) in ``graph``.
+    """(routed convs whose every result may be batch-last, BatchNorm2d/MaxPool2d modules such results reach).
 
     A convolution qualifies when everything reachable from its result through layout-free operations (the
-    tables of :mod:`er_lightning.compute.layout`, and ``BatchNorm2d``, which the router computes on the
-    batch-last blocks) is consumed only by layout-free operations and as the input of routed convolutions,
-    which read any layout: no view, no flatten, no other module, not the traced module's output."""
-    extra = (nn.BatchNorm2d,)
+    tables of :mod:`er_lightning.compute.layout`, plus ``BatchNorm2d`` and window = stride ``MaxPool2d``, which
+    the router computes with the kernels on batch-last input) is consumed only by layout-free operations and as
+    the input of routed convolutions, which read any layout: no view, no flatten, no other module, not the
+    traced module's output."""
 
     def routed_conv(n) -> nn.Module | None:  # noqa: ANN001
         m = modules.get(n.target) if n.op == "call_module" else None
@@ -270,7 +286,7 @@ def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, Lay
         conv = routed_conv(node)
         if conv is None:
             continue
-        good, seen, stack, bns = True, {node}, [node], set()
+        good, seen, stack, planned = True, {node}, [node], set()
         while stack and good:
             value = stack.pop()
             for user in value.users:
@@ -278,15 +294,16 @@ def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, Lay
                     continue
                 if routed_conv(user) is not None and user.args == (value,) and not user.kwargs:
                     continue  # read as a routed convolution's input
-                if not layout_free(user, modules, extra):
+                routed = user.op == "call_module" and _planned_module(modules.get(user.target))
+                if not routed and not layout_free(user, modules):
                     good = False
                     break
                 seen.add(user)
                 stack.append(user)
-                if user.op == "call_module" and type(modules[user.target]) is nn.BatchNorm2d:
-                    bns.add(modules[user.target])
+                if routed:
+                    planned.add(modules[user.target])
         ok[conv] = ok.get(conv, True) and good
-        reached.setdefault(conv, set()).update(bns)
+        reached.setdefault(conv, set()).update(planned)
     switched = {c for c, good in ok.items() if good}
     return switched, set().union(*(reached[c] for c in switched)) if switched else set()
 
@@ -313,11 +330,12 @@ class SparseComputeRouter:
             a module that does not trace is replaced by its children. ``[]`` switches the plan off.
 
     **Layout plan.** The kernels compute in a batch-innermost layout, (C, H, W, B) in memory. A routed convolution
-    whose result reaches only activations, additions, ``BatchNorm2d`` and other routed convolutions (checked on
-    the ``torch.fx`` graph of its scope, in training and in evaluation mode) returns that result batch-last while
-    its scope's forward runs: the next routed convolution packs it with row copies instead of transposes, those
-    ``BatchNorm2d`` layers normalise its contiguous per-channel blocks, and the input gradient comes back in the
-    same layout. The values are the same; only the strides differ, and nothing outside the plan sees them.
+    whose result reaches only activations, additions, ``BatchNorm2d``, ``MaxPool2d`` (window = stride) and other
+    routed convolutions (checked on the ``torch.fx`` graph of its scope, in training and in evaluation mode)
+    returns that result batch-last while its scope's forward runs: the next routed convolution packs it with row
+    copies instead of transposes, those ``BatchNorm2d`` layers normalise its contiguous per-channel blocks with a
+    kernel, those poolings pool it in its layout, and the input gradient comes back in the same layout. The
+    values are the same; only the strides differ, and nothing outside the plan sees them.
     """
 
     def __init__(
@@ -393,10 +411,11 @@ class SparseComputeRouter:
             if state is None:
                 continue
             self._scopes.append(state)
-            for bn in plans[0][1] | plans[1][1]:
-                if "forward" not in bn.__dict__:
-                    bn.forward = types.MethodType(_batch_last_batchnorm, bn)
-                    self._modules.append(bn)
+            for m in plans[0][1] | plans[1][1]:
+                if "forward" not in m.__dict__:
+                    forward = _batch_last_batchnorm if type(m) is nn.BatchNorm2d else _batch_last_max_pool
+                    m.forward = types.MethodType(forward, m)
+                    self._modules.append(m)
         if self.batch_last_layers:
             log.info(
                 "er_lightning sparse compute: %d of %d routed convolutions hand their results on batch-last",

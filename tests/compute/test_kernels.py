@@ -282,6 +282,25 @@ def test_batch_last_max_pool_equals_max_pool2d_with_nan():
     assert bool(torch.isnan(max_pool2d_batch_last(to_batch_last(x), (2, 2))[1, 2, 2, 2]))
 
 
+@pytest.mark.parametrize("batch", [5, 20, 32])  # the scalar tail, a vector and a tail, two vectors
+def test_batch_last_max_pool_gradient_goes_where_max_pool2d_sends_it(batch):
+    # ties (small integers), NaN and -inf: the gradient goes to the first maximum of each window, the last NaN
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randint(0, 3, (batch, 3, 9, 11), generator=g).float()
+    x[1, 2, 4, 4] = x[1, 2, 5, 5] = float("nan")
+    x[2, 0, :2, :2] = float("-inf")
+    for window in ((2, 2), (3, 2), (1, 4), (3, 3)):
+        xa = x.clone().requires_grad_(True)
+        xb = to_batch_last(x).requires_grad_(True)
+        want = torch.nn.functional.max_pool2d(xa, window)
+        got = max_pool2d_batch_last(xb, window)
+        grad = torch.randn(want.shape, generator=g)
+        (ga,) = torch.autograd.grad(want, xa, grad)
+        (gb,) = torch.autograd.grad(got, xb, to_batch_last(grad))
+        assert is_batch_last(gb)
+        torch.testing.assert_close(gb, ga, rtol=0, atol=0)  # rows and columns no window covers: 0
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -41,6 +41,30 @@ class ResNetBit(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(z), 1).flatten(1))
 
 
+class VggBit(nn.Module):
+    """conv-BN-ReLU-pool stages, a pooling whose window is not its stride, a flatten and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feature = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=1),  # overlapping windows: not the kernel's pooling
+            nn.Conv2d(8, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.feature(x).flatten(1))
+
+
 class FlatView(nn.Module):
     """A conv whose activation is viewed flat: a view a batch-last tensor cannot take."""
 
@@ -109,6 +133,27 @@ def test_plan_switches_exactly_the_convs_whose_results_stay_among_layout_free_op
     assert not is_batch_last(outs["conv0"])
 
 
+def test_plan_pools_in_the_kernels_layout_where_the_window_is_the_stride():
+    torch.manual_seed(0)
+    net = VggBit()
+    router = _router(net)
+    assert router.batch_last_layers == [
+        "feature.0.weight"
+    ]  # feature.4 reaches the 3/1 pooling, feature.7 the head
+    routed = {
+        n
+        for n, m in net.named_modules()
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) and "forward" in m.__dict__
+    }
+    assert routed == {"feature.1", "feature.3"}
+    seen = []
+    net.feature[3].register_forward_hook(
+        lambda m, a, o: seen.append(is_batch_last(o) and not o.is_contiguous())
+    )
+    net(torch.randn(4, 3, 8, 8))
+    assert seen == [True]
+
+
 def test_a_result_that_reaches_a_view_is_not_switched_and_trains():
     torch.manual_seed(0)
     net = FlatView()
@@ -125,11 +170,13 @@ def _loader(batch_size: int) -> DataLoader:
 
 
 @pytest.mark.parametrize("batch_size", [7, 32])
-def test_fit_with_the_plan_matches_dense_compute(tmp_path, batch_size):
+@pytest.mark.parametrize("make", [ResNetBit, VggBit])
+def test_fit_with_the_plan_matches_dense_compute(tmp_path, batch_size, make):
     def fit(compute: str, layouts: list[bool]) -> Wrap:
         torch.manual_seed(0)
-        module = Wrap(ResNetBit())
-        module.net.conv1.register_forward_hook(lambda m, a, o: layouts.append(is_batch_last(o)))
+        module = Wrap(make())
+        watched = module.net.conv1 if make is ResNetBit else module.net.feature[3]
+        watched.register_forward_hook(lambda m, a, o: layouts.append(is_batch_last(o)))
         cb = StaticSparsity(density=0.4, distribution="erk", compute=compute)
         make_trainer(tmp_path / compute, [cb], max_steps=20).fit(module, _loader(batch_size))
         return module
