@@ -247,7 +247,10 @@ def _planned_module(module: nn.Module | None) -> bool:
 
 
 def _traced(module: nn.Module, training: bool):  # noqa: ANN202
-    """``torch.fx`` graph of ``module`` in the given mode (its modes restored), or None when it does not trace."""
+    """``torch.fx`` graph of ``module`` in the given mode (its modes restored), or None when it does not trace.
+
+    Like any ``torch.fx`` trace this runs the Python of ``forward`` (and of non-leaf submodules) once, on proxy
+    values; leaf modules (``torch.nn`` layers) are not run."""
     import torch.fx as fx
 
     modes = {m: m.training for m in module.modules()}
@@ -255,8 +258,9 @@ def _traced(module: nn.Module, training: bool):  # noqa: ANN202
         module.train(training)
         return fx.symbolic_trace(module).graph
     except Exception as e:  # noqa: BLE001 - any failure to trace only means no plan for this module
-        log.debug(
-            "er_lightning sparse compute: %s does not trace (%s: %s)",
+        log.info(
+            "er_lightning sparse compute: %s does not trace with torch.fx, its layers hand on NCHW results "
+            "(or its submodules' plans apply) (%s: %s)",
             type(module).__name__,
             type(e).__name__,
             e,

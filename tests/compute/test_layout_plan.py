@@ -239,3 +239,32 @@ def test_in_place_activation_on_a_batch_last_result_keeps_the_gradients():
     want = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
     for p, g, w in zip(net.parameters(), got, want):  # weight gradients at the active weights only
         torch.testing.assert_close(g, w * (p != 0) if p.dim() > 1 else w, rtol=1e-4, atol=1e-5)
+
+
+class Gated(nn.Module):
+    """Data-dependent control flow (no fx trace) around a block that traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block(x)
+        return h if bool(h.sum() > 0) else -h
+
+
+def test_a_module_that_does_not_trace_is_planned_through_its_children(caplog):
+    torch.manual_seed(0)
+    net = Gated()
+    with caplog.at_level("INFO", logger="er_lightning"):
+        router = _router(net)
+    assert "Gated does not trace with torch.fx" in caplog.text
+    assert router.batch_last_layers == ["block.0.weight"]
+    x = torch.randn(5, 3, 6, 6)
+    got = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+    router.remove()
+    want = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+    for p, g, w in zip(net.parameters(), got, want):
+        torch.testing.assert_close(g, w * (p != 0) if p.dim() > 1 else w, rtol=1e-4, atol=1e-5)
