@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from er_lightning import SparseLightningModule, StaticSparsity
 from er_lightning.compute import SparseIndex, kernels_available, sparse_conv2d, sparse_linear
+from er_lightning.compute.functional import to_batch_last
 from er_lightning.export import to_sparse
 from er_lightning.models import create_model
 from er_lightning.sparsity import layer_densities, sample_masks
@@ -128,6 +129,7 @@ def table_layers(args: argparse.Namespace) -> None:
     print(
         f"\n### Per layer: forward + backward, batch {args.batch_size}, ratio to dense (median of {args.reps})\n"
     )
+    in_plan: dict[str, list[str]] = {}
     cols = " | ".join(f"d={d}" + (" (SparseProp)" if sp else "") for d in DENSITIES)
     print(f"| layer | {cols} | max rel. error (batch 1/7/32) |")
     print("|---|" + "---:|" * len(DENSITIES) + "---:|")
@@ -143,6 +145,11 @@ def table_layers(args: argparse.Namespace) -> None:
             if hw:
                 fns["ours"] = _fwd_bwd(
                     lambda: sparse_conv2d(x, layer.weight, None, index, 1), x, layer.weight
+                )
+                # as the training layout plan runs it: batch-last input, result and input gradient
+                xb = to_batch_last(x.detach()).requires_grad_()
+                fns["ours_bl"] = _fwd_bwd(
+                    lambda: sparse_conv2d(xb, layer.weight, None, index, 1, batch_last=True), xb, layer.weight
                 )
             else:
                 fns["ours"] = _fwd_bwd(lambda: sparse_linear(x, layer.weight, None, index), x, layer.weight)
@@ -171,7 +178,16 @@ def table_layers(args: argparse.Namespace) -> None:
             if theirs:
                 cell += f" ({min(ratio[f'sp{i}'] for i in range(len(theirs))):.2f}×)"
             cells.append(cell)
+            if "ours_bl" in ratio:
+                in_plan.setdefault(label, []).append(f"{ratio['ours_bl']:.2f}×")
         print(f"| {label} | " + " | ".join(cells) + f" | {worst:.1e} |", flush=True)
+    print(
+        "\nThe same convolutions in the training layout plan's layout (batch-last input, result and input gradient):\n"
+    )
+    print("| layer | " + " | ".join(f"d={d}" for d in DENSITIES) + " |")
+    print("|---|" + "---:|" * len(DENSITIES))
+    for label, cells in in_plan.items():
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 def _flops_ratio(model: nn.Module, masks: dict[str, torch.Tensor], x: torch.Tensor) -> float:
