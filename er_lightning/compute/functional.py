@@ -484,12 +484,9 @@ def to_batch_last(x: Tensor) -> Tensor:
 class _MaxPoolBatchLast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, kh: int, kw: int):
-        B, C, H, W = x.shape
-        out = torch.empty((C, H // kh, W // kw, B), dtype=torch.float32)
-        _lib().er_maxpool_bl(_ptr(x), _ptr(out), B, C, H, W, kh, kw, torch.get_num_threads())
         ctx.save_for_backward(x)
         ctx.window = (kh, kw)
-        return batch_last_view(out)
+        return _max_pool_bl(x, kh, kw)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -502,11 +499,20 @@ class _MaxPoolBatchLast(torch.autograd.Function):
         return batch_last_view(dx), None, None
 
 
+def _max_pool_bl(x: Tensor, kh: int, kw: int) -> Tensor:
+    B, C, H, W = x.shape
+    out = torch.empty((C, H // kh, W // kw, B), dtype=torch.float32)
+    _lib().er_maxpool_bl(_ptr(x), _ptr(out), B, C, H, W, kh, kw, torch.get_num_threads())
+    return batch_last_view(out)
+
+
 def max_pool2d_batch_last(x: Tensor, kernel: tuple[int, int]) -> Tensor:
     """``F.max_pool2d(x, kernel)`` (stride = kernel, no padding) of a batch-last float32 CPU ``x``, batch-last
     result; differentiable (the gradient goes to the element torch's max_pool2d takes: the first maximum of the
     window in row-major order, the last NaN)."""
-    return _MaxPoolBatchLast.apply(x, int(kernel[0]), int(kernel[1]))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaxPoolBatchLast.apply(x, int(kernel[0]), int(kernel[1]))
+    return _max_pool_bl(x, int(kernel[0]), int(kernel[1]))  # inference: no autograd node to build
 
 
 def _spmm(lib, index: SparseIndex, transposed: bool, phase: int, nrows: int, *args: int) -> None:  # noqa: ANN001

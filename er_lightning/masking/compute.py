@@ -396,7 +396,9 @@ class SparseComputeRouter:
             inner = [m for m in scope.modules() if m in convs]
             if not inner or scope in convs:
                 continue
-            graphs = [_traced(scope, mode) for mode in (True, False)]
+            graphs = [_traced(scope, True)]
+            if graphs[0] is not None:
+                graphs.append(_traced(scope, False))
             if any(g is None for g in graphs):
                 scopes[:0] = list(scope.children())
                 continue
