@@ -135,13 +135,18 @@ class SparseConv2d(_SparseLayer):
         #: with batch_last_out: write results into zero-bordered planes (top, bottom, left, right) that the next
         #: sparse layer, stride 1 with this padding, reads in place (set by :func:`to_sparse`)
         self.out_border: tuple[int, int, int, int] | None = None
+        #: apply ReLU to the result (after adding ``residual`` when the call passes one) as the kernel stores it:
+        #: ``relu(conv(x) + residual)`` in one pass (set by :func:`to_sparse` for a ReLU only this result feeds)
+        self.epilogue_relu = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``conv(x)``, or ``conv(x) + residual`` when given; then ReLU when :attr:`epilogue_relu`."""
         if supports(x, self.values, self.weight_shape[0]) is None and not (
-            torch.is_grad_enabled() and x.requires_grad
+            torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
         ):
             unbatched = x.dim() == 3
             xb = x.unsqueeze(0) if unbatched else x
+            res = residual.unsqueeze(0) if unbatched and residual is not None else residual
             y = conv2d_values(
                 xb,
                 self.values,
@@ -150,10 +155,12 @@ class SparseConv2d(_SparseLayer):
                 self.padding,
                 batch_last=self.batch_last_out and not unbatched,
                 out_border=self.out_border,
+                residual=res,
+                relu=self.epilogue_relu,
             )
             return y.squeeze(0) if unbatched else y
         pt, pb, pl, pr = self.padding
-        return nn.functional.conv2d(
+        y = nn.functional.conv2d(
             nn.functional.pad(x, (pl, pr, pt, pb)),
             self.dense_weight(),
             self.bias,
@@ -161,6 +168,9 @@ class SparseConv2d(_SparseLayer):
             0,
             self.dilation,
         )
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.epilogue_relu else y
 
     def extra_repr(self) -> str:
         return f"weight={self.weight_shape}, stride={self.stride}, padding={self.padding}, density={self.density:.4f}"
@@ -355,6 +365,80 @@ def _reuse_results(model: nn.Module) -> int:
     return rewritten
 
 
+def _module_calls(graph) -> dict[str, int]:  # noqa: ANN001
+    """How often the ``torch.fx`` graph calls each submodule."""
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    return calls
+
+
+def _fuse_epilogues(model: nn.Module) -> int:
+    """Fold the addition and ReLU after a batch-last sparse conv into the conv's stores.
+
+    After :func:`_reuse_results`: ``relu_(conv(x))``, ``add_into(conv(x), r)`` and ``relu_(add_into(conv(x),
+    r))``, where nothing else reads the conv's (or the addition's) result and the conv module is called once,
+    become ``conv(x)`` / ``conv(x, r)`` with :attr:`SparseConv2d.epilogue_relu` set: the kernel adds ``r`` and
+    clamps as it stores each result, instead of two more passes over the activation. ``r`` is moved before the
+    conv when it is computed after it from values computed before. Returns the number of convs fused.
+    """
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return 0
+    modules, calls = dict(model.named_modules()), _module_calls(model.graph)
+    order = {n: i for i, n in enumerate(model.graph.nodes)}
+
+    def only_user(n: fx.Node) -> fx.Node | None:
+        return next(iter(n.users)) if len(n.users) == 1 else None
+
+    def relu_of(n: fx.Node | None, src: fx.Node) -> bool:
+        return n is not None and n.op == "call_function" and n.target is torch.relu_ and n.args == (src,)
+
+    fused = 0
+    for n in list(model.graph.nodes):
+        conv = modules.get(n.target) if n.op == "call_module" else None
+        if not isinstance(conv, SparseConv2d) or not conv.batch_last_out or calls[n.target] != 1:
+            continue
+        if len(n.args) != 1 or n.kwargs:
+            continue
+        user = only_user(n)
+        residual, last = None, n
+        if user is not None and user.op == "call_function" and user.target is add_into and user.args[0] is n:
+            other = user.args[1]
+            if not isinstance(other, fx.Node) or other is n:
+                continue
+            later, todo, cyclic = set(), [other], False  # what of the residual's computation follows the conv
+            while todo and not cyclic:
+                a = todo.pop()
+                cyclic = a is n  # the residual depends on the conv's own result
+                if order[a] > order[n] and a not in later:
+                    later.add(a)
+                    todo.extend(a.all_input_nodes)
+            if cyclic:
+                continue
+            for a in sorted(later, key=order.__getitem__):  # in their order, before the conv
+                n.prepend(a)
+            residual, last = other, user
+        relu = relu_of(only_user(last), last)
+        if residual is None and not relu:
+            continue
+        end = only_user(last) if relu else last
+        if residual is not None:
+            n.args = (n.args[0], residual)
+        conv.epilogue_relu = relu
+        end.replace_all_uses_with(n)
+        for dead in [end, last] if relu and last is not n else [end]:
+            if dead is not n:
+                model.graph.erase_node(dead)
+        fused += 1
+    if fused:
+        model.graph.lint()
+        model.recompile()
+    return fused
+
+
 def _plan_borders(model: nn.Module) -> int:
     """Let a batch-last sparse conv write into the zero-bordered planes the next sparse conv reads in place.
 
@@ -368,11 +452,7 @@ def _plan_borders(model: nn.Module) -> int:
 
     if not isinstance(model, fx.GraphModule):
         return 0
-    modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for n in model.graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    modules, calls = dict(model.named_modules()), _module_calls(model.graph)
     planned = 0
     for n in model.graph.nodes:
         if n.op != "call_module" or not isinstance(modules[n.target], SparseConv2d):
@@ -394,6 +474,8 @@ def _plan_borders(model: nn.Module) -> int:
                 if u in alias:
                     continue
                 sub = modules.get(u.target) if u.op == "call_module" else None
+                if isinstance(sub, SparseConv2d) and u.args[0] is not a and u.args[1:] == (a,):
+                    continue  # read as a fused residual, through its strides: the border does not matter
                 reads = isinstance(sub, SparseConv2d) and u.args[0] is a and tuple(sub.stride) == (1, 1)
                 borders.add(tuple(sub.padding) if reads else None)
         if len(borders) == 1 and None not in borders:
@@ -554,6 +636,7 @@ def to_sparse(
     if switched:
         log.info("to_sparse: %d sparse convolutions pass batch-last results on", switched)
     _reuse_results(model)
+    _fuse_epilogues(model)
     _plan_borders(model)
     return model.eval()
 
@@ -602,5 +685,6 @@ def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
     model.load_state_dict(data["state_dict"], strict=True)
     _plan_batch_last(model)
     _reuse_results(model)
+    _fuse_epilogues(model)
     _plan_borders(model)
     return model.eval()

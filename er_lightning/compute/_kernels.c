@@ -52,15 +52,35 @@ static inline void tile8(vf *restrict a, const float *restrict base, const int32
     a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3, a[4] = a4, a[5] = a5, a[6] = a6, a[7] = a7;
 }
 
-/* out[0:L] = sum_k w[k] * (base + offs[k])[0:L] */
+/* The fused epilogue of a result vector: + the residual's vector at the same position (res may be NULL), then
+ * max(., 0) when relu (NaN stays NaN, as torch.relu). */
+static inline vf epi(vf v, const float *res, int relu) {
+    if (res) v += ld(res);
+    if (relu) v = (vf)((vi)v & ~(vi)(v < 0));
+    return v;
+}
+
+/* As epi for the first n < VL floats: the residual is read only there (it has no slack past its end). */
+static inline vf epi_part(vf v, const float *res, int64_t n, int relu) {
+    if (res) {
+        vf r = {0};
+        memcpy(&r, res, (size_t)n * sizeof(float));
+        v += r;
+    }
+    if (relu) v = (vf)((vi)v & ~(vi)(v < 0));
+    return v;
+}
+
+/* out[0:L] = epilogue(b + sum_k w[k] * (base + offs[k])[0:L]), the epilogue adding res[0:L] (when res is not
+ * NULL) and applying ReLU (when relu) */
 static void row_axpy(float *restrict out, const float *restrict base, const int32_t *restrict offs,
-                     const float *restrict w, int64_t nnz, int64_t L, float b) {
+                     const float *restrict w, int64_t nnz, int64_t L, float b, const float *res, int relu) {
     const vf bv = (vf){0} + b;
     int64_t u = 0;
     for (; u + 8 * VL <= L; u += 8 * VL) {
         vf a[8] = {bv, bv, bv, bv, bv, bv, bv, bv};
         tile8(a, base + u, offs, w, 0, nnz);
-        for (int j = 0; j < 8; j++) st(out + u + j * VL, a[j]);
+        for (int j = 0; j < 8; j++) st(out + u + j * VL, epi(a[j], res ? res + u + j * VL : NULL, relu));
     }
     for (; u + 2 * VL <= L; u += 2 * VL) {
         /* four partial sums over k per vector: eight independent FMA chains */
@@ -83,8 +103,8 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
             a0 += w[k] * ld(p);
             a1 += w[k] * ld(p + VL);
         }
-        st(out + u, (a0 + b0) + (c0 + e0));
-        st(out + u + VL, (a1 + b1) + (c1 + e1));
+        st(out + u, epi((a0 + b0) + (c0 + e0), res ? res + u : NULL, relu));
+        st(out + u + VL, epi((a1 + b1) + (c1 + e1), res ? res + u + VL : NULL, relu));
     }
     for (; u + VL <= L; u += VL) {
         vf a0 = bv, a1 = {0}, a2 = {0}, a3 = {0};
@@ -96,7 +116,7 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
             a3 += w[k + 3] * ld(base + offs[k + 3] + u);
         }
         for (; k < nnz; k++) a0 += w[k] * ld(base + offs[k] + u);
-        st(out + u, (a0 + a1) + (a2 + a3));
+        st(out + u, epi((a0 + a1) + (a2 + a3), res ? res + u : NULL, relu));
     }
     if (u < L) {
         /* the last rem < VL floats: whole vectors, the lanes past L discarded (inputs carry VL floats of slack
@@ -109,7 +129,7 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
             a1 += w[k + 1] * ld(base + offs[k + 1] + u);
         }
         if (k < nnz) a0 += w[k] * ld(base + offs[k] + u);
-        const vf r = a0 + a1;
+        const vf r = epi_part(a0 + a1, res ? res + u : NULL, rem, relu);
         memcpy(out + u, &r, rem * sizeof(float));
     }
 }
@@ -203,7 +223,7 @@ void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *
  * whole vectors). */
 void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *vals, const float *in,
              int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i, int64_t L, int64_t band,
-             const float *bias, int nthreads) {
+             const float *bias, const float *res, int64_t res_plane, int64_t res_row, int relu, int nthreads) {
     if (band < 1) band = 1;
     const int64_t nb = (n_i + band - 1) / band;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 4)
@@ -213,12 +233,16 @@ void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const f
             const int64_t i1 = (b + 1) * band < n_i ? (b + 1) * band : n_i;
             for (int64_t i = b * band; i < i1; i++) {
                 float *o = out + r * out_plane + i * out_row;
+                const float *rs = res ? res + r * res_plane + i * res_row : NULL;
                 const float b = bias ? bias[r] : 0.f;
                 if (nnz == 0) {
-                    for (int64_t u = 0; u < L; u++) o[u] = b;
+                    for (int64_t u = 0; u < L; u++) {
+                        const float v = b + (rs ? rs[u] : 0.f);
+                        o[u] = relu && v < 0 ? 0.f : v;
+                    }
                     continue;
                 }
-                row_axpy(o, in + i * in_row, offs + k0, vals + k0, nnz, L, b);
+                row_axpy(o, in + i * in_row, offs + k0, vals + k0, nnz, L, b, rs, relu);
             }
         }
     }
@@ -232,7 +256,9 @@ void er_spmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const f
  * input vectors into the slack past `in` (see er_spmm) and load and store only their own output floats. */
 void er_spmm_blocked(int64_t nrows, int64_t ncb, const int64_t *bptr, const int32_t *offs, const float *vals,
                      const float *in, int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i,
-                     int64_t L, const float *bias, int nthreads) {
+                     int64_t L, const float *bias, const float *res, int64_t res_plane, int64_t res_row, int relu,
+                     int nthreads) {
+    const int fused = res != NULL || relu;
     const int64_t T = 8 * VL, ntiles = (L + T - 1) / T;
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(dynamic, 1)
     for (int64_t i = 0; i < n_i; i++) {
@@ -242,14 +268,17 @@ void er_spmm_blocked(int64_t nrows, int64_t ncb, const int64_t *bptr, const int3
             for (int64_t cb = 0; cb < ncb; cb++) {
                 for (int64_t r = 0; r < nrows; r++) {
                     const int64_t k0 = bptr[r * ncb + cb], k1 = bptr[r * ncb + cb + 1];
-                    if (k0 == k1 && cb > 0) continue;
+                    const int last = cb == ncb - 1; /* the epilogue goes with the last block's pass */
+                    if (k0 == k1 && cb > 0 && !(fused && last)) continue;
                     float *o = out + r * out_plane + i * out_row + u;
+                    const float *rs = res && last ? res + r * res_plane + i * res_row + u : NULL;
+                    const int rl = relu && last;
                     const vf bv = (vf){0} + (bias ? bias[r] : 0.f);
                     if (len == T) {
                         vf a[8];
                         for (int j = 0; j < 8; j++) a[j] = cb == 0 ? bv : ld(o + j * VL);
                         tile8(a, base, offs, vals, k0, k1);
-                        for (int j = 0; j < 8; j++) st(o + j * VL, a[j]);
+                        for (int j = 0; j < 8; j++) st(o + j * VL, epi(a[j], rs ? rs + j * VL : NULL, rl));
                         continue;
                     }
                     const int64_t nv = (len + VL - 1) / VL;
@@ -269,7 +298,8 @@ void er_spmm_blocked(int64_t nrows, int64_t ncb, const int64_t *bptr, const int3
                     }
                     for (int64_t j = 0; j < nv; j++) {
                         const int64_t n = len - j * VL < VL ? len - j * VL : VL;
-                        memcpy(o + j * VL, &a[j], (size_t)n * sizeof(float));
+                        const vf v = epi_part(a[j], rs ? rs + j * VL : NULL, n, rl);
+                        memcpy(o + j * VL, &v, (size_t)n * sizeof(float));
                     }
                 }
             }

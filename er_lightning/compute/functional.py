@@ -515,20 +515,33 @@ def max_pool2d_batch_last(x: Tensor, kernel: tuple[int, int]) -> Tensor:
     return _max_pool_bl(x, int(kernel[0]), int(kernel[1]))  # inference: no autograd node to build
 
 
-def _spmm(lib, index: SparseIndex, transposed: bool, phase: int, nrows: int, *args: int) -> None:  # noqa: ANN001
+def _spmm(
+    lib,  # noqa: ANN001
+    index: SparseIndex,
+    transposed: bool,
+    phase: int,
+    nrows: int,
+    *args: int,
+    epilogue: tuple[int | None, int, int, bool] = (None, 0, 0, False),
+) -> None:
     """``er_spmm`` over rows ``phase*nrows ...`` of the forward (or transposed) index, blocked where that pays.
 
     ``args``: offs, vals, in, in_row, out, out_plane, out_row, n_i, L, band, bias, nthreads (pointers as ints).
+    ``epilogue``: (residual pointer or None, its plane and row strides, relu): each result adds the residual at
+    its position, then ReLU, as it is stored.
     """
     offs, vals, inp, in_row, out, out_plane, out_row, n_i, L, band, bias, nt = args
     size = index.block_size(transposed) if L >= _MIN_SPAN and n_i * (L // 128) >= _MIN_TILES else 0
     common = (offs, vals, inp, in_row, out, out_plane, out_row, n_i, L)
+    res, res_plane, res_row, relu = epilogue
     if size:
         n, ptr = index.blocks(transposed, size)
-        lib.er_spmm_blocked(nrows, n, _ptr(ptr) + 8 * phase * nrows * n, *common, bias, nt)
+        ptr_at = _ptr(ptr) + 8 * phase * nrows * n
+        lib.er_spmm_blocked(nrows, n, ptr_at, *common, bias, res, res_plane, res_row, int(relu), nt)
     else:
         row_ptr = index.row_ptr_t if transposed else index.row_ptr
-        lib.er_spmm(nrows, _ptr(row_ptr) + 8 * phase * nrows, *common, band, bias, nt)
+        ptr_at = _ptr(row_ptr) + 8 * phase * nrows
+        lib.er_spmm(nrows, ptr_at, *common, band, bias, res, res_plane, res_row, int(relu), nt)
 
 
 def _packed_in_place(lib, x: Tensor, pad: tuple[int, ...], Hq: int, Wq: int) -> Tensor | None:  # noqa: ANN001
@@ -560,8 +573,13 @@ def _forward(
     batch_last: bool = False,
     out_border: tuple[int, int, int, int] | None = None,
     read_in_place: bool = False,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ):
     """The forward pass over packed planes: (output, packed input, geometry).
+
+    ``residual`` (same shape as the result) is added and ``relu`` applied to the result, in the kernel's stores
+    where the result is batch-last in row spans and the residual has batch-last rows, else afterwards.
 
     With ``batch_last`` the output is returned in the kernels' own layout (see :func:`is_batch_last`), which
     the next sparse layer packs with row copies instead of transposes. With ``out_border`` (top, bottom, left,
@@ -582,7 +600,11 @@ def _forward(
     row = Wq * B
     b = bias.detach().contiguous() if bias is not None else None
     vals = vals.contiguous()
-    padded = batch_last and out_border is not None and y_row == OW * B
+    # the kernel writes n_i spans of L floats, rows y_row apart: into strided destinations (padded planes, a
+    # residual's rows) only when each span is one output row (a span over several rows runs into the border)
+    row_spans = y_row == OW * B and n_i == OH
+    padded = batch_last and out_border is not None and row_spans
+    y = planes = None
     if padded:  # into the interior of zero-bordered planes
         bt, bb, bl, br = out_border
         Hb, Wb = OH + bt + bb, OW + bl + br
@@ -597,24 +619,58 @@ def _forward(
         )
         dst, dst_plane, dst_row = _ptr(y), OH * y_row, y_row
     args = (_ptr(offs), _ptr(vals), _ptr(xq), row, dst, dst_plane, dst_row, n_i, L, band)
-    _spmm(lib, index, False, 0, OC, *args, _ptr(b) if batch_last else None, nt)
+    rows = _row_strides(residual, (B, OC, OH, OW)) if residual is not None else (0, 0)
+    fused = (
+        (residual is not None or relu)
+        and batch_last
+        and y_row == OW * B
+        and rows is not None
+        and (row_spans or residual is None or rows[1] == y_row)
+    )
+    epilogue = (_ptr(residual), *rows, relu) if fused else (None, 0, 0, False)
+    _spmm(lib, index, False, 0, OC, *args, _ptr(b) if batch_last else None, nt, epilogue=epilogue)
     geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
-    if padded:
+    out = _result(index, y, planes, out_border, b, batch_last, geom, y_row)
+    if not fused and residual is not None:
+        out = out.add_(residual)
+    if not fused and relu:
+        out = out.relu_()
+    return out, xq, geom
+
+
+def _row_strides(t: Tensor, shape: tuple[int, int, int, int]) -> tuple[int, int] | None:
+    """(channel, row) strides of ``t`` when it has ``shape`` and rows of (W, B) contiguous as batch-last
+    results have them (the kernels' epilogue reads it so), else None."""
+    B, C, H, W = shape
+    if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu":
+        return None
+    sb, sc, sh, sw = t.stride()
+    if (B > 1 and sb != 1) or (W > 1 and sw != B):
+        return None
+    return sc, sh
+
+
+def _result(index, y, planes, out_border, b, batch_last, geom, y_row):  # noqa: ANN001, ANN202
+    """The layer's result from what the kernel wrote: the interior of zero-bordered planes, a batch-last
+    buffer, or (transposed into) an NCHW one."""
+    lib = _lib()
+    B, C, H, W, OH, OW, Hq, Wq, pt, pl = geom
+    OC = index.out_channels
+    if planes is not None:
+        bt, bb, bl, br = out_border
+        Hb, Wb = OH + bt + bb, OW + bl + br
+        start = (bt * Wb + bl) * B
         shape, strides = (B, OC, OH, OW), (1, Hb * Wb * B, Wb * B, B)
-        return (
-            torch.empty(0, dtype=torch.float32).set_(planes.untyped_storage(), start, shape, strides),
-            xq,
-            geom,
-        )
+        return torch.empty(0, dtype=torch.float32).set_(planes.untyped_storage(), start, shape, strides)
     if batch_last:
         if y_row != OW * B:  # drop the columns past OW
             out = index.buffers.take("out_bl", (OC, OH, OW * B))
             out.view(OC, OH, OW, B).copy_(y.view(OC, OH, Wq, B)[:, :, :OW])
             y = out
-        return batch_last_view(y.view(OC, OH, OW, B)), xq, geom
+        return batch_last_view(y.view(OC, OH, OW, B))
     out = index.buffers.take("out", (B, OC, OH, OW))
-    lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, nt)
-    return out, xq, geom
+    lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, torch.get_num_threads())
+    return out
 
 
 def conv2d_values(
@@ -625,13 +681,18 @@ def conv2d_values(
     pad: tuple[int, ...],
     batch_last: bool = False,
     out_border: tuple[int, int, int, int] | None = None,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
     """Inference: the convolution of (B, C, H, W) ``x`` with the active ``values`` (forward order of ``index``).
 
     No autograd graph is recorded (export modules use it under ``torch.inference_mode`` or ``no_grad``). With
     ``batch_last`` the result lies in memory as (C, H, W, B) (see :func:`is_batch_last`); its values are the same.
+    ``relu(result + residual)`` (either part optional) is computed as the kernel stores each result where it can
+    (batch-last results), else after it; ``residual`` is read, never written.
     """
-    return _forward(x.detach(), values.detach(), bias, index, pad, batch_last, out_border, True)[0]
+    args = (bias, index, pad, batch_last, out_border, True, residual, relu)
+    return _forward(x.detach(), values.detach(), *args)[0]
 
 
 class _SparseConv(torch.autograd.Function):

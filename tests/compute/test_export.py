@@ -265,3 +265,62 @@ def test_one_exported_model_serves_two_threads_at_once():
     for t in threads:
         t.join()
     assert len(errors) == 80 and max(errors) < 1e-4
+
+
+def test_a_result_computed_as_one_span_over_several_rows_is_not_written_into_padded_planes():
+    # a 1x1 conv (no tap shift) on a small map at batch 1 computes its whole plane as one span; written into
+    # the next layer's zero-bordered planes that span ran over the borders (a wrong result before the fix)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten()).eval()
+    with torch.no_grad():
+        for conv in (net[0], net[2]):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    fast = to_sparse(net)
+    assert fast.get_submodule("0").out_border == (1, 1, 1, 1)
+    for batch in (1, 2, 7, 32):
+        x = torch.randn(batch, 8, 4, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+class _Blocks(nn.Module):
+    """Two residual blocks: an identity shortcut, then a dense 1x1 shortcut computed after the block's convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.a2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 12, 3, padding=1)
+        self.b2 = nn.Conv2d(12, 12, 3, padding=1)
+        self.short = nn.Conv2d(8, 12, 1)
+        self.head = nn.Conv2d(12, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a2(torch.relu(self.a1(x))) + x)
+        h = torch.relu(self.b2(torch.relu(self.b1(h))) + self.short(h))
+        return self.head(h).flatten(1)
+
+
+def test_additions_and_relus_after_a_sparse_conv_are_fused_into_its_stores(tmp_path):
+    torch.manual_seed(3)
+    net = _Blocks().eval()
+    with torch.no_grad():
+        for conv in (net.a1, net.a2, net.b1, net.b2, net.head):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    fast = to_sparse(net)
+    fused = {n: m.epilogue_relu for n, m in fast.named_modules() if isinstance(m, SparseConv2d)}
+    assert fused == {"a1": True, "a2": True, "b1": True, "b2": True, "head": False}
+    # the residuals are the convs' second inputs; the dense shortcut moved before b2, which reads its result
+    code = fast.code
+    assert "add_into" not in code and "relu_" not in code
+    assert code.index("self.short(") < code.index("self.b2(")
+    for batch in (1, 7, 32):
+        x = torch.randn(batch, 8, 6, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=1e-5, atol=1e-5)
+    path = tmp_path / "blocks.pt"
+    save_sparse(fast, path)
+    again = load_sparse(_Blocks(), path)
+    x = torch.randn(7, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x), rtol=1e-5, atol=1e-5)

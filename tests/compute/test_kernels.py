@@ -120,6 +120,36 @@ def test_batch_last_training_layout_in_out_and_gradients(case):
     )
 
 
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_fused_residual_and_relu_epilogue(case):
+    # relu(conv(x) + r) as the kernel stores each result, for residuals in the batch-last layout, in the strided
+    # interior of padded planes, and in NCHW (not fusable: added afterwards); NaN passes the ReLU as in torch
+    b, cin, cout, h, w, kernel, stride, padding, dilation = case
+    conv, mask = _masked_conv(cin, cout, kernel, stride, padding, dilation, 0.3)
+    conv.weight.data[:, :, 0, 0] = 0.0  # (some output rows may have no weight at all)
+    mask = conv.weight != 0
+    index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    pad = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+    values = conv.weight.detach().reshape(-1)[index.flat_index]
+    x = torch.randn(b, cin, h, w)
+    with torch.no_grad():
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    r = torch.randn_like(y)
+    r[0, 0, 0, 0] = float("nan")
+    padded = torch.zeros(y.shape[1], y.shape[2] + 2, y.shape[3] + 2, b)
+    padded[:, 1:-1, 1:-1] = r.permute(1, 2, 3, 0)
+    interior = padded[:, 1:-1, 1:-1].permute(3, 0, 1, 2)
+    for res in (to_batch_last(r), interior, r):
+        for relu in (False, True):
+            for batch_last in (True, False):
+                got = conv2d_values(x, values, conv.bias, index, pad, batch_last, residual=res, relu=relu)
+                want = torch.relu(y + r) if relu else y + r
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    got = conv2d_values(x, values, conv.bias, index, pad, True, relu=True)
+    torch.testing.assert_close(got, torch.relu(y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r[1:], to_batch_last(r)[1:])  # residuals are read, not written
+
+
 def test_conv_density_extremes_and_empty_rows():
     # a mask with whole output channels and input planes empty, and a fully dense one
     for density in (0.02, 1.0):
@@ -329,6 +359,13 @@ def test_blocked_kernel_on_layers_with_many_weights_per_row(case):
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
     # weight gradients are sums over batch x map (up to 11k products): round-off relative to their scale
     torch.testing.assert_close(gw, rw * mask, rtol=1e-4, atol=1e-5 * float(rw.abs().max()))
+    if stride == 1:  # the fused epilogue goes with the last block's pass
+        values = conv.weight.detach().reshape(-1)[index.flat_index]
+        r = torch.randn_like(ref)
+        got = conv2d_values(
+            x, values, conv.bias, index, (1, 1, 1, 1), True, residual=to_batch_last(r), relu=True
+        )
+        torch.testing.assert_close(got, torch.relu(ref + r), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("batch", [32, 7])
