@@ -37,51 +37,14 @@ _error: str | None = None
 
 _i64, _i32, _ptr, _f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_double
 _RETURNS_INT = {"er_border_zero"}
+# fmt: off
 _SIGNATURES = {
     "er_bn_train": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _f64, _f64, _ptr, _ptr, _ptr, _ptr, _i32],
     "er_border_zero": [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64],
     "er_gather": [_ptr, _ptr, _i64, _ptr, _i32],
     "er_offsets": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i32],
-    "er_spmm": [
-        _i64,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _i64,
-        _ptr,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _ptr,
-        _ptr,
-        _i64,
-        _i64,
-        _i32,
-        _i32,
-    ],
-    "er_spmm_blocked": [
-        _i64,
-        _i64,
-        _ptr,
-        _ptr,
-        _ptr,
-        _ptr,
-        _i64,
-        _ptr,
-        _i64,
-        _i64,
-        _i64,
-        _i64,
-        _ptr,
-        _ptr,
-        _i64,
-        _i64,
-        _i32,
-        _i32,
-    ],
+    "er_spmm": [_i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i32, _i32],
+    "er_spmm_blocked": [_i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i32, _i32],
     "er_spmm_scatter": [_i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i32],
     "er_sddmm": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i32],
     "er_pack": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
@@ -92,6 +55,7 @@ _SIGNATURES = {
     "er_unpack_grad": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
     "er_unpack_grad_bl": [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i32],
 }
+# fmt: on
 
 
 def kernel_cache_dir() -> Path:
