@@ -631,8 +631,11 @@ def _forward(
     _spmm(lib, index, False, 0, OC, *args, _ptr(b) if batch_last else None, nt, epilogue=epilogue)
     geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
     out = _result(index, y, planes, out_border, b, batch_last, geom, y_row)
-    if not fused and residual is not None:
-        out = out.add_(residual)
+    if not fused and residual is not None:  # in place where the sum keeps the result's shape and dtype
+        keeps = out.shape == torch.broadcast_shapes(out.shape, residual.shape)
+        out = (
+            out.add_(residual) if keeps and out.dtype == torch.result_type(out, residual) else out + residual
+        )
     if not fused and relu:
         out = out.relu_()
     return out, xq, geom
