@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -331,7 +332,8 @@ class SparseComputeRouter:
         mode: ``"sparse"`` or ``"auto"`` (``"dense"`` routes nothing).
         layout_scopes: the modules whose forward is traced for the layout plan (default ``[model]``; a callback
             passes the LightningModule's children, which its ``training_step`` may call without its ``forward``);
-            a module that does not trace is replaced by its children. ``[]`` switches the plan off.
+            a module that does not trace is replaced by its children. ``[]`` (or the environment variable
+            ``ER_LIGHTNING_NO_LAYOUT_PLAN=1``) switches the plan off.
 
     **Layout plan.** The kernels compute in a batch-innermost layout, (C, H, W, B) in memory. A routed convolution
     whose result reaches only activations, additions, ``BatchNorm2d``, ``MaxPool2d`` (window = stride) and other
@@ -386,7 +388,12 @@ class SparseComputeRouter:
             self._modules.append(module)
         for name, reason in self.dense_layers.items():
             log.info("er_lightning sparse compute: %s computes dense: %s", name, reason)
-        self._plan_layouts([model] if layout_scopes is None else list(layout_scopes))
+        if os.environ.get("ER_LIGHTNING_NO_LAYOUT_PLAN"):
+            log.info(
+                "er_lightning sparse compute: layout plan off (ER_LIGHTNING_NO_LAYOUT_PLAN): NCHW results"
+            )
+        else:
+            self._plan_layouts([model] if layout_scopes is None else list(layout_scopes))
 
     def _plan_layouts(self, scopes: list[nn.Module]) -> None:
         """Trace ``scopes`` and switch the convolutions the plan allows (see the class doc)."""

@@ -268,3 +268,13 @@ def test_a_module_that_does_not_trace_is_planned_through_its_children(caplog):
     want = torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
     for p, g, w in zip(net.parameters(), got, want):
         torch.testing.assert_close(g, w * (p != 0) if p.dim() > 1 else w, rtol=1e-4, atol=1e-5)
+
+
+def test_the_plan_can_be_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("ER_LIGHTNING_NO_LAYOUT_PLAN", "1")
+    torch.manual_seed(0)
+    net = ResNetBit()
+    router = _router(net)
+    assert router.batch_last_layers == []
+    assert not any("forward" in m.__dict__ for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert net.conv0(torch.randn(2, 3, 8, 8)).is_contiguous()
