@@ -36,6 +36,8 @@ from er_lightning.compute.build import build_error, load_kernels
 
 __all__ = [
     "SparseIndex",
+    "batch_last_view",
+    "batch_norm_batch_last",
     "conv2d_values",
     "conv_padding",
     "is_batch_last",
