@@ -121,7 +121,23 @@ class _SparseLayer(nn.Module):
 
 
 class SparseConv2d(_SparseLayer):
-    """Inference ``Conv2d`` over its active weights (see :func:`to_sparse`)."""
+    """Inference ``Conv2d`` over its active weights (see :func:`to_sparse`, which builds and plans these).
+
+    Example:
+        >>> conv = nn.Conv2d(4, 6, 3, padding=1)
+        >>> mask = torch.rand_like(conv.weight) < 0.2
+        >>> with torch.no_grad():
+        ...     _ = conv.weight.mul_(mask)
+        >>> sparse = SparseConv2d(conv, mask)
+        >>> x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5)
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(sparse(x), conv(x), atol=1e-5))
+        True
+        >>> sparse.epilogue_relu = True  # relu(conv(x) + r), fused into the kernel's stores where it can be
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(sparse(x, r), torch.relu(conv(x) + r), atol=1e-5))
+        True
+    """
 
     def __init__(self, conv: nn.Conv2d, mask: Tensor) -> None:
         flat = mask.reshape(-1).nonzero().reshape(-1)
