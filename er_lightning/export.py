@@ -193,7 +193,19 @@ class SparseConv2d(_SparseLayer):
 
 
 class SparseLinear(_SparseLayer):
-    """Inference ``Linear`` over its active weights (see :func:`to_sparse`)."""
+    """Inference ``Linear`` over its active weights (see :func:`to_sparse`); any leading dimensions.
+
+    Example:
+        >>> linear = nn.Linear(16, 8)
+        >>> mask = torch.rand_like(linear.weight) < 0.1
+        >>> with torch.no_grad():
+        ...     _ = linear.weight.mul_(mask)
+        >>> sparse = SparseLinear(linear, mask)
+        >>> x = torch.randn(3, 5, 16)
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(sparse(x), linear(x), atol=1e-5))
+        True
+    """
 
     def __init__(self, linear: nn.Linear, mask: Tensor) -> None:
         flat = mask.reshape(-1).nonzero().reshape(-1)
