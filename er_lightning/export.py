@@ -457,9 +457,8 @@ def _fuse_epilogues(model: nn.Module) -> int:
             n.args = (n.args[0], residual)
         conv.epilogue_relu = relu
         end.replace_all_uses_with(n)
-        for dead in [end, last] if relu and last is not n else [end]:
-            if dead is not n:
-                model.graph.erase_node(dead)
+        for dead in (end, last) if last not in (n, end) else (end,):  # the ReLU, then the addition it read
+            model.graph.erase_node(dead)
         fused += 1
     if fused:
         model.graph.lint()

@@ -211,9 +211,14 @@ class _Scope:
             h.remove()
 
 
+def _batch_last_batch(input: Tensor) -> bool:
+    """A (B, C, H, W) batch of more than one sample in the batch-last layout (a batch of one is also NCHW)."""
+    return input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input)
+
+
 def _batch_last_batchnorm(self: nn.BatchNorm2d, input: Tensor) -> Tensor:
     """``BatchNorm2d.forward``, over a batch-last input's per-channel blocks (a batch-last result)."""
-    if not (input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input)):
+    if not _batch_last_batch(input):
         return type(self).forward(self, input)
     if self.training and self.track_running_stats and self.num_batches_tracked is not None:
         # BatchNorm2d.forward's bookkeeping (the count; the cumulative average when momentum is None), the kernel
@@ -234,8 +239,7 @@ def _batch_last_batchnorm(self: nn.BatchNorm2d, input: Tensor) -> Tensor:
 def _batch_last_max_pool(self: nn.MaxPool2d, input: Tensor) -> Tensor:
     """``MaxPool2d.forward``, with the kernels for a batch-last input (a batch-last result)."""
     window = pool_window(self)
-    batch_last = input.dim() == 4 and input.shape[0] > 1 and is_batch_last(input)
-    if window is not None and batch_last and supports(input, input) is None:
+    if window is not None and _batch_last_batch(input) and supports(input, input) is None:
         return max_pool2d_batch_last(input, window)
     return type(self).forward(self, input)
 
