@@ -204,10 +204,22 @@ static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_r
     }
 }
 
-/* vals[k] = w[idx[k]] (the active weights in one order) */
+/* vals[k] = w[idx[k]] (the active weights in one order). Each thread gathers one contiguous part and requests
+ * the line it will read GATHER_AHEAD weights later: the hardware prefetcher does not follow the gaps between
+ * active weights (4096x4096 weight, 2 threads: 0.84 -> 0.43 ms at density 0.01, 2.6 -> 1.9 ms at 0.05). */
+#define GATHER_AHEAD 128
 void er_gather(const float *w, const int32_t *idx, int64_t n, float *vals, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 65536)
-    for (int64_t k = 0; k < n; k++) vals[k] = w[idx[k]];
+#pragma omp parallel num_threads(nthreads) if (n > 65536)
+    {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t k1 = n * (t + 1) / nt;
+        int64_t k = n * t / nt;
+        for (; k + GATHER_AHEAD < k1; k++) {
+            __builtin_prefetch(w + idx[k + GATHER_AHEAD], 0, 3);
+            vals[k] = w[idx[k]];
+        }
+        for (; k < k1; k++) vals[k] = w[idx[k]];
+    }
 }
 
 void er_offsets(int64_t n, const int32_t *cp, const int32_t *dh, const int32_t *dw, int64_t plane, int64_t row,
@@ -351,7 +363,8 @@ void er_spmm_scatter(int64_t nrows, const int64_t *row_ptr, const int32_t *offs,
  * written to dst[didx[k]] (straight into a dense gradient of the weight's shape), or to dst[k] when didx is NULL.
  * Bands of rows run one after another and the rows of a band are split over the threads, so every row belongs to
  * one thread at a time: no per-thread copies of the result and no reduction (the first band stores, the others
- * add). */
+ * add). With one band, a row's lines of the dense gradient are requested before its dot products run, so that
+ * they arrive meanwhile (4096x4096 at density 0.01, 2 threads: 1.72 -> 1.40 ms; 0.1: 6.6 -> 5.8 ms). */
 void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *dy, int64_t dy_plane,
               int64_t dy_row, const float *x, int64_t x_row, int64_t n_i, int64_t L, int64_t band, float *dst,
               const int32_t *didx, int nthreads) {
@@ -369,6 +382,8 @@ void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const 
             for (int64_t r = 0; r < nrows; r++) {
                 const int64_t k0 = row_ptr[r], nnz = row_ptr[r + 1] - k0;
                 if (nnz == 0) continue;
+                if (didx && nb == 1)
+                    for (int64_t j = k0; j < k0 + nnz; j++) __builtin_prefetch(dst + didx[j], 1, 3);
                 memset(acc, 0, (size_t)nnz * sizeof(float));
                 row_dots(acc, dy + r * dy_plane + i0 * dy_row, dy_row, x + i0 * x_row, x_row, offs + k0, nnz,
                          i1 - i0, L);
