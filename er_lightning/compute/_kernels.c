@@ -134,8 +134,8 @@ static void row_axpy(float *restrict out, const float *restrict base, const int3
     }
 }
 
-/* (hsum(s0), hsum(s1), hsum(s2), hsum(s3)) added into acc[0..3] with 8 shuffles instead of 12 */
-static inline void hsum4_add(float *acc, vf s0, vf s1, vf s2, vf s3) {
+/* out[0..3] = (hsum(s0), hsum(s1), hsum(s2), hsum(s3)) + (e0, e1, e2, e3), with 8 shuffles instead of 12 */
+static inline void hsum4_store(float *out, vf s0, vf s1, vf s2, vf s3, float e0, float e1, float e2, float e3) {
     const vi lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
     const vi hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
     const vf a = __builtin_shuffle(s0, s1, lo) + __builtin_shuffle(s0, s1, hi); /* s0 | s1, 8 lanes each */
@@ -145,16 +145,17 @@ static inline void hsum4_add(float *acc, vf s0, vf s1, vf s2, vf s3) {
     vf c = __builtin_shuffle(a, b, lo4) + __builtin_shuffle(a, b, hi4); /* 4 lanes each: s0 | s1 | s2 | s3 */
     c += __builtin_shuffle(c, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
     c += __builtin_shuffle(c, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    acc[0] += c[0];
-    acc[1] += c[4];
-    acc[2] += c[8];
-    acc[3] += c[12];
+    out[0] = c[0] + e0;
+    out[1] = c[4] + e1;
+    out[2] = c[8] + e2;
+    out[3] = c[12] + e3;
 }
 
-/* acc[k] += sum over rows i < ni and u < L of dy[i*dy_row + u] * x[offs[k] + i*x_row + u], for every k: four
+/* out[k] = sum over rows i < ni and u < L of dy[i*dy_row + u] * x[offs[k] + i*x_row + u], for every k: four
  * weights share each load of dy, two vectors per step keep eight independent accumulators in flight, one
- * horizontal sum per weight. */
-static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_row, const float *restrict xbase,
+ * horizontal sum per weight. The sums are stored, not added to `out`: loads from a buffer zeroed just before
+ * stall (they are not forwarded from memset's stores), which cost half of the weight-gradient kernel's time. */
+static void row_dots(float *restrict out, const float *restrict dy, int64_t dy_row, const float *restrict xbase,
                      int64_t x_row, const int32_t *restrict offs, int64_t nnz, int64_t ni, int64_t L) {
     const int64_t Lv = L - L % (2 * VL);
     int64_t k = 0;
@@ -183,11 +184,7 @@ static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_r
                 r3 += d[u] * p3[u];
             }
         }
-        acc[k] += r0;
-        acc[k + 1] += r1;
-        acc[k + 2] += r2;
-        acc[k + 3] += r3;
-        hsum4_add(acc + k, s0 + t0, s1 + t1, s2 + t2, s3 + t3);
+        hsum4_store(out + k, s0 + t0, s1 + t1, s2 + t2, s3 + t3, r0, r1, r2, r3);
     }
     for (; k < nnz; k++) {
         vf s = {0}, t = {0};
@@ -200,7 +197,7 @@ static void row_dots(float *restrict acc, const float *restrict dy, int64_t dy_r
             }
             for (int64_t u = Lv; u < L; u++) r += d[u] * p[u];
         }
-        acc[k] += r + hsum(s + t);
+        out[k] = r + hsum(s + t);
     }
 }
 
@@ -319,23 +316,35 @@ void er_spmm_blocked(int64_t nrows, int64_t ncb, const int64_t *bptr, const int3
     }
 }
 
-/* The input gradient of a linear layer from the forward (output-row) order, without the transposed index:
- *     gx[offs[k] + u] += vals[k] * dy[r*dy_row + u]    for k in row r, u < L,
- * each thread into its own zeroed copy of gx (thread 0 into gx itself, thread t > 0 into part + (t-1)*size), the
- * copies summed at the end. Meant for copies that fit in L2 (size floats), where it saves the gather of the
- * values into input order. */
+/* The input gradient of a linear layer (1x1 planes, spans of L floats) in the forward order of its weights:
+ * gx[offs[k] + u] += vals[k] * dy[r*dy_row + u] for k in row r, each thread into its own copy (gx itself for
+ * thread 0, `part` for the others, `size` floats each), summed at the end: meant for copies that fit in L2, where
+ * it saves the gather of the values into input order and the transposed index. With x and dst given, the weight
+ * gradient in the same pass (each row's index, values and output gradient read once for both):
+ * dst[didx[k]] = sum_u dy[r*dy_row + u] * x[offs[k] + u], the row's lines of dst requested before its dot
+ * products run. */
 void er_spmm_scatter(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const float *vals, const float *dy,
-                     int64_t dy_row, int64_t L, float *gx, float *part, int64_t size, int nthreads) {
+                     int64_t dy_row, int64_t L, float *gx, float *part, int64_t size, const float *x, float *dst,
+                     const int32_t *didx, int nthreads) {
+    int64_t widest = 1;
+    if (dst)
+        for (int64_t r = 0; r < nrows; r++)
+            if (row_ptr[r + 1] - row_ptr[r] > widest) widest = row_ptr[r + 1] - row_ptr[r];
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *acc = t == 0 ? gx : part + (size_t)(t - 1) * (size_t)size;
+        float *g = dst ? (float *)malloc((size_t)widest * sizeof(float)) : NULL;
         memset(acc, 0, (size_t)size * sizeof(float));
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 16)
         for (int64_t r = 0; r < nrows; r++) {
             const int64_t k0 = row_ptr[r], k1 = row_ptr[r + 1];
             const float *d = dy + r * dy_row;
+            if (dst && k1 > k0) {
+                for (int64_t j = k0; j < k1; j++) __builtin_prefetch(dst + didx[j], 1, 3);
+                row_dots(g, d, 0, x, 0, offs + k0, k1 - k0, 1, L);
+            }
             int64_t u = 0;
             for (; u + 2 * VL <= L; u += 2 * VL) {
                 const vf d0 = ld(d + u), d1 = ld(d + u + VL);
@@ -348,7 +357,10 @@ void er_spmm_scatter(int64_t nrows, const int64_t *row_ptr, const int32_t *offs,
             }
             for (; u < L; u++)
                 for (int64_t k = k0; k < k1; k++) acc[offs[k] + u] += vals[k] * d[u];
+            if (dst)
+                for (int64_t k = k0; k < k1; k++) dst[didx[k]] = g[k - k0];
         }
+        free(g);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < size; i++) {
             float sum = gx[i];
@@ -384,7 +396,6 @@ void er_sddmm(int64_t nrows, const int64_t *row_ptr, const int32_t *offs, const 
                 if (nnz == 0) continue;
                 if (didx && nb == 1)
                     for (int64_t j = k0; j < k0 + nnz; j++) __builtin_prefetch(dst + didx[j], 1, 3);
-                memset(acc, 0, (size_t)nnz * sizeof(float));
                 row_dots(acc, dy + r * dy_plane + i0 * dy_row, dy_row, x + i0 * x_row, x_row, offs + k0, nnz,
                          i1 - i0, L);
                 if (didx) {

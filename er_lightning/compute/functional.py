@@ -738,9 +738,13 @@ class _SparseConv(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0] and H * W == 1 and Hq * Wq == 1 and P == 1 and C * B <= _SCATTER_FLOATS:
             # a linear layer whose input gradient fits in L2: accumulate it in the forward order (no gather of
-            # the values into input order, no second index)
+            # the values into input order, no second index), with the weight gradient in the same pass
             gxq = _temp("gxq", (C, B))
             part = _temp("gx_part", (max(nt - 1, 1), C * B))
+            weight_grad = (None, None, None)
+            if ctx.needs_input_grad[1]:
+                grad_w = index.grad_buffer(weight)
+                weight_grad = (_ptr(xq), _ptr(grad_w), _ptr(index._flat32))
             lib.er_spmm_scatter(
                 OC,
                 _ptr(index.row_ptr),
@@ -752,6 +756,7 @@ class _SparseConv(torch.autograd.Function):
                 _ptr(gxq),
                 _ptr(part),
                 C * B,
+                *weight_grad,
                 nt,
             )
             grad_x = _unpack_grad(lib, ctx, gxq)
@@ -788,7 +793,7 @@ class _SparseConv(torch.autograd.Function):
                     nt,
                 )
             grad_x = _unpack_grad(lib, ctx, gxq)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and grad_w is None:
             offs = index.offsets(False, Hq * Wq * B, Wq * B, B)
             grad_w = index.grad_buffer(weight)
             band = _band(P * C, Wq * B, mh)
