@@ -591,7 +591,7 @@ def _forward(
     input is not copied, so it must not change before a backward pass."""
     lib = _lib()
     nt = torch.get_num_threads()
-    B, C, H, W = x.shape
+    B, C, H, W = x.shape if x.dim() == 4 else (*x.shape, 1, 1)  # 2-D: a linear layer's (N, IN)
     OC, P = index.out_channels, index.phases
     OH, OW, Hq, Wq, offs, y_row, n_i, L, band = index.plan(B, C, H, W, pad)
     pt, pl = pad[0], pad[2]
@@ -632,7 +632,7 @@ def _forward(
     epilogue = (_ptr(residual), *rows, relu) if fused else (None, 0, 0, False)
     _spmm(lib, index, False, 0, OC, *args, _ptr(b) if batch_last else None, nt, epilogue=epilogue)
     geom = (B, C, H, W, OH, OW, Hq, Wq, pt, pl)
-    out = _result(index, y, planes, out_border, b, batch_last, geom, y_row)
+    out = _result(index, y, planes, out_border, b, batch_last, geom, y_row, x.dim() == 2)
     if not fused and residual is not None:  # in place where the sum keeps the result's shape and dtype
         keeps = out.shape == torch.broadcast_shapes(out.shape, residual.shape)
         out = (
@@ -655,9 +655,9 @@ def _row_strides(t: Tensor, shape: tuple[int, int, int, int]) -> tuple[int, int]
     return sc, sh
 
 
-def _result(index, y, planes, out_border, b, batch_last, geom, y_row):  # noqa: ANN001, ANN202
+def _result(index, y, planes, out_border, b, batch_last, geom, y_row, flat=False):  # noqa: ANN001, ANN202
     """The layer's result from what the kernel wrote: the interior of zero-bordered planes, a batch-last
-    buffer, or (transposed into) an NCHW one."""
+    buffer, or (transposed into) an NCHW one (``flat``: (B, OC), a linear layer's result)."""
     lib = _lib()
     B, C, H, W, OH, OW, Hq, Wq, pt, pl = geom
     OC = index.out_channels
@@ -673,7 +673,7 @@ def _result(index, y, planes, out_border, b, batch_last, geom, y_row):  # noqa: 
             out.view(OC, OH, OW, B).copy_(y.view(OC, OH, Wq, B)[:, :, :OW])
             y = out
         return batch_last_view(y.view(OC, OH, OW, B))
-    out = index.buffers.take("out", (B, OC, OH, OW))
+    out = index.buffers.take("out", (B, OC) if flat else (B, OC, OH, OW))
     lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, torch.get_num_threads())
     return out
 
@@ -716,6 +716,7 @@ class _SparseConv(torch.autograd.Function):
         ctx.save_for_backward(xq, weight, vals)
         ctx.index = index
         ctx.geom = geom
+        ctx.flat = x.dim() == 2
         ctx.has_bias = bias is not None
         # the input gradient is returned in the input's layout: a batch-last input came from a layer (or an
         # activation of one) that computes batch-last, and its backward then reads rows instead of transposes
@@ -819,7 +820,7 @@ class _SparseConv(torch.autograd.Function):
                 nt,
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=(0, 2, 3))
+            grad_b = g.sum(dim=0) if ctx.flat else g.sum(dim=(0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -833,7 +834,7 @@ def _unpack_grad(lib, ctx, gxq: Tensor) -> Tensor:  # noqa: ANN001
         grad_x = index.buffers.take("grad_x_bl", (C, H, W, B))
         lib.er_unpack_grad_bl(_ptr(gxq), _ptr(grad_x), *args)
         return grad_x.permute(3, 0, 1, 2)
-    grad_x = index.buffers.take("grad_x", (B, C, H, W))
+    grad_x = index.buffers.take("grad_x", (B, C) if ctx.flat else (B, C, H, W))
     lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), *args)
     return grad_x
 
@@ -954,7 +955,9 @@ def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseI
     """``F.linear(x, weight, bias)`` over the active weights of ``index``; ``x`` may have any leading dims."""
     if tuple(weight.shape) != index.shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, the index was built for {index.shape}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1], 1, 1)  # (N, IN, 1, 1): a linear layer is a 1x1 convolution of a 1x1 map
-    y = _SparseConv.apply(x2, weight, bias, index, (0, 0, 0, 0))
-    return y.reshape(*lead, weight.shape[0])
+    # a linear layer is a 1x1 convolution of 1x1 maps: (N, IN) is computed as (N, IN, 1, 1) without a view (and
+    # without the view's backward node)
+    if x.dim() == 2:
+        return _SparseConv.apply(x, weight, bias, index, (0, 0, 0, 0))
+    y = _SparseConv.apply(x.reshape(-1, x.shape[-1]), weight, bias, index, (0, 0, 0, 0))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
