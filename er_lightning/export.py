@@ -536,6 +536,15 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _weights_read_directly(model: nn.Module) -> dict[nn.Module, str]:
+    """Linear layers whose ``weight`` their parent reads itself instead of calling them (they must keep it)."""
+    return {
+        m.out_proj: "MultiheadAttention reads out_proj.weight itself"
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
 def _convertible(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros"
@@ -627,8 +636,12 @@ def to_sparse(
     if fold_batchnorm:
         model = _fold_batchnorm(model)
     candidates = []
+    read_directly = _weights_read_directly(model)
     for name, sub in list(model.named_modules()):
         if not name or not _convertible(sub):
+            continue
+        if sub in read_directly:
+            log.info("to_sparse: %s stays dense: %s", name, read_directly[sub])
             continue
         mask = sub.weight.detach() != 0
         density = float(mask.float().mean())
@@ -699,9 +712,10 @@ def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
     if data["fold_batchnorm"]:
         model = _fold_batchnorm(model)
     modules = dict(model.named_modules())
+    read_directly = _weights_read_directly(model)
     for name in data["sparse_layers"]:
         sub = modules.get(name)
-        if sub is None or not _convertible(sub):
+        if sub is None or not _convertible(sub) or sub in read_directly:
             raise ValueError(
                 f"{os.fspath(path)}: sparse layer {name!r} has no Conv2d/Linear counterpart in the template"
             )

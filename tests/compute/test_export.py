@@ -324,3 +324,29 @@ def test_additions_and_relus_after_a_sparse_conv_are_fused_into_its_stores(tmp_p
     x = torch.randn(7, 8, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(again(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformer_exports_with_attention_projections_left_to_attention(tmp_path, caplog):
+    """MultiheadAttention reads out_proj.weight itself: that Linear must keep its weight (it stays dense), the
+    model's other Linear layers compute sparse, and the export saves and loads."""
+    torch.manual_seed(0)
+    model = create_model("transformer_lm", num_classes=40, seq_len=8, dim=16, depth=2, heads=2).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "token" not in name and "position" not in name:
+                p.mul_(torch.rand_like(p) < 0.2)
+    tokens = torch.randint(0, 40, (3, 8))
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        fast = to_sparse(model)
+    kinds = {n: type(m) for n, m in fast.named_modules()}
+    assert [n for n, k in kinds.items() if k is SparseLinear] == [
+        f"blocks.{i}.{fc}" for i in range(2) for fc in ("fc1", "fc2")
+    ]
+    assert sum("out_proj stays dense" in r.message for r in caplog.records) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+    path = tmp_path / "lm.pt"
+    save_sparse(fast, path)
+    loaded = load_sparse(create_model("transformer_lm", num_classes=40, seq_len=8, dim=16, depth=2, heads=2), path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-4, atol=1e-4)
