@@ -1,10 +1,15 @@
-"""Route masked ``Conv2d`` and ``Linear`` layers through the sparse kernels, without changing the model.
+"""Route masked ``Conv2d``, ``Linear`` and attention projections through the sparse kernels, model unchanged.
 
 The module tree, the parameter objects, their names and the ``state_dict`` stay exactly as they are: each routed
 layer gets an instance-level override of its op (``Conv2d._conv_forward``, ``Linear.forward``) that calls
 :func:`er_lightning.compute.sparse_conv2d` / :func:`~er_lightning.compute.sparse_linear` over the active weights
 of its mask, and falls back to the layer's own dense op whenever the kernels cannot compute the call (CUDA,
 float16/bfloat16 or autocast, ``torch.compile`` tracing, no C compiler), saying so once per layer.
+``nn.MultiheadAttention`` reads its projection weights itself, so a masked ``in_proj_weight`` or
+``out_proj.weight`` is routed through an override of the attention's forward
+(:func:`er_lightning.compute.attention.multihead_attention`): self-attention calls compute both projections
+sparse; other calls (cross-attention) and configurations (``kdim``/``vdim``, ``add_bias_kv``) compute dense, said
+once.
 
 Modes per layer: ``"sparse"`` always uses the kernels where they apply; ``"auto"`` times the dense and the sparse
 op (forward and backward, on the layer's first real training input, interleaved, best of three) and keeps the
@@ -31,12 +36,14 @@ import os
 import time
 import types
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from er_lightning.compute import SparseIndex, build_error, sparse_conv2d, sparse_linear, supports
+from er_lightning.compute.attention import attention_unsupported, call_unsupported, multihead_attention
 from er_lightning.compute.functional import batch_norm_batch_last, is_batch_last, max_pool2d_batch_last
 from er_lightning.compute.layout import layout_free, pool_window
 from er_lightning.masking.masked import MaskedParams
@@ -62,6 +69,13 @@ def _unsupported_module(module: nn.Module, attr: str) -> str | None:
     if isinstance(module, nn.Linear):
         return None
     return f"{type(module).__name__} has no sparse kernel (Conv2d and Linear have)"
+
+
+def _unsupported_attention(module: nn.Module, attr: str) -> str | None:
+    """Why the masked ``attr`` of a ``MultiheadAttention`` cannot compute sparse (None: it can)."""
+    if attr != "in_proj_weight":
+        return f"the parameter {attr!r} is not a projection the kernels compute with (only in_proj_weight is)"
+    return attention_unsupported(module)
 
 
 class LayerRoute:
@@ -327,6 +341,37 @@ def _routed_linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     return route(self, input, self.weight, self.bias, torch.nn.functional.linear)
 
 
+def _projection(module: nn.Module, weight: Tensor, bias: Tensor | None, route: LayerRoute | None):  # noqa: ANN202
+    if route is None:
+        return lambda x: F.linear(x, weight, bias)
+    return lambda x: route(module, x, weight, bias, F.linear)
+
+
+def _routed_attention_forward(
+    self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor | None]:
+    """``MultiheadAttention.forward`` (same arguments) with its masked projections routed: self-attention calls
+    compute sparse, other calls dense."""
+    in_route: LayerRoute | None = self.__dict__[_ROUTE_ATTR]
+    out_route: LayerRoute | None = self.out_proj.__dict__.get(_ROUTE_ATTR)
+    reason = call_unsupported(query, key, value)
+    if reason is not None:
+        for route in (in_route, out_route):
+            if route is not None:
+                route._note_fallback(reason)
+        return type(self).forward(self, query, key, value, *args, **kwargs)
+    return multihead_attention(
+        self,
+        query,
+        key,
+        value,
+        *args,
+        **kwargs,
+        in_proj=_projection(self, self.in_proj_weight, self.in_proj_bias, in_route),
+        out_proj=_projection(self.out_proj, self.out_proj.weight, self.out_proj.bias, out_route),
+    )
+
+
 class SparseComputeRouter:
     """Routes every masked ``Conv2d``/``Linear`` of ``model`` through the sparse kernels (see the module doc).
 
@@ -371,24 +416,41 @@ class SparseComputeRouter:
             self.dense_layers = {n: error for n in masked.names}
             return
         modules = dict(model.named_modules())
+        # attention reads its out_proj's weight itself: that Linear is routed through its attention's forward
+        attention_of = {m.out_proj: m for m in modules.values() if isinstance(m, nn.MultiheadAttention)}
+        attention: dict[nn.MultiheadAttention, LayerRoute | None] = {}
         for name in masked.names:
             owner, _, attr = name.rpartition(".")
             module = modules.get(owner)
             if module is None:
                 self.dense_layers[name] = "no module owns this parameter"
                 continue
-            reason = _unsupported_module(module, attr)
+            if isinstance(module, nn.MultiheadAttention):
+                reason = _unsupported_attention(module, attr)
+            elif module in attention_of and attention_unsupported(attention_of[module]) is not None:
+                reason = f"its MultiheadAttention has no sparse path: {attention_unsupported(attention_of[module])}"
+            else:
+                reason = _unsupported_module(module, attr)
             if reason is not None:
                 self.dense_layers[name] = reason
                 continue
             kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
             route = LayerRoute(name, lambda n=name: masked.masks[n], mode, kind)
-            module.__dict__[_ROUTE_ATTR] = route
-            if kind == "conv":
-                module._conv_forward = types.MethodType(_routed_conv_forward, module)
+            if isinstance(module, nn.MultiheadAttention):
+                attention[module] = route  # the in-projection's route; the forward is set below
             else:
-                module.forward = types.MethodType(_routed_linear_forward, module)
+                module.__dict__[_ROUTE_ATTR] = route
+                if kind == "conv":
+                    module._conv_forward = types.MethodType(_routed_conv_forward, module)
+                else:
+                    module.forward = types.MethodType(_routed_linear_forward, module)
+                self._modules.append(module)
+                if module in attention_of:
+                    attention.setdefault(attention_of[module], None)
             self.routes[name] = route
+        for module, in_route in attention.items():
+            module.__dict__[_ROUTE_ATTR] = in_route
+            module.forward = types.MethodType(_routed_attention_forward, module)
             self._modules.append(module)
         for name, reason in self.dense_layers.items():
             log.info("er_lightning sparse compute: %s computes dense: %s", name, reason)
@@ -401,7 +463,7 @@ class SparseComputeRouter:
 
     def _plan_layouts(self, scopes: list[nn.Module]) -> None:
         """Trace ``scopes`` and switch the convolutions the plan allows (see the class doc)."""
-        convs = {m: m.__dict__[_ROUTE_ATTR] for m in self._modules if m.__dict__[_ROUTE_ATTR].kind == "conv"}
+        convs = {m: m.__dict__[_ROUTE_ATTR] for m in self._modules if isinstance(m, nn.Conv2d)}
         while scopes:
             scope = scopes.pop(0)
             inner = [m for m in scope.modules() if m in convs]

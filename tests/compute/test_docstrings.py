@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import er_lightning.compute.attention
 import er_lightning.compute.functional
 import er_lightning.export
 import er_lightning.masking.compute
@@ -17,9 +18,16 @@ pytestmark = pytest.mark.skipif(not kernels_available(), reason="sparse kernels 
 
 
 @pytest.mark.parametrize(
-    "module", [er_lightning.compute.functional, er_lightning.export, er_lightning.masking.compute]
+    "module",
+    [
+        er_lightning.compute.attention,
+        er_lightning.compute.functional,
+        er_lightning.export,
+        er_lightning.masking.compute,
+    ],
 )
 def test_docstring_examples_run(module):
-    result = doctest.testmod(module, extraglobs={"torch": torch, "nn": nn}, verbose=False)
+    globs = {"torch": torch, "nn": nn, "F": nn.functional}
+    result = doctest.testmod(module, extraglobs=globs, verbose=False)
     assert result.attempted > 0
     assert result.failed == 0

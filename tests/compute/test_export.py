@@ -347,6 +347,8 @@ def test_a_transformer_exports_with_attention_projections_left_to_attention(tmp_
         torch.testing.assert_close(fast(tokens), model(tokens), rtol=1e-4, atol=1e-4)
     path = tmp_path / "lm.pt"
     save_sparse(fast, path)
-    loaded = load_sparse(create_model("transformer_lm", num_classes=40, seq_len=8, dim=16, depth=2, heads=2), path)
+    loaded = load_sparse(
+        create_model("transformer_lm", num_classes=40, seq_len=8, dim=16, depth=2, heads=2), path
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-4, atol=1e-4)

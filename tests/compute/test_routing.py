@@ -14,6 +14,7 @@ from er_lightning import GMP, SET, RigL, StaticSparsity, Supermask
 from er_lightning.compute import kernels_available
 from er_lightning.masking import MaskedParams
 from er_lightning.masking.compute import SparseComputeRouter
+from er_lightning.models import create_model
 from tests.conftest import make_trainer
 
 pytestmark = pytest.mark.skipif(not kernels_available(), reason="sparse kernels unavailable")
@@ -252,3 +253,140 @@ def test_gradient_accumulation_and_clipping_match_dense_compute(tmp_path):
     dense, _ = _fit(tmp_path / "d", StaticSparsity(density=0.3), steps=6, **kw)
     sparse, _ = _fit(tmp_path / "s", StaticSparsity(density=0.3, compute="sparse"), steps=6, **kw)
     assert _max_rel_diff(sparse, dense) <= 1e-4
+
+
+def _routed_attention(**kw):  # noqa: ANN003, ANN202
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, **kw)
+    names = [n for n in ("in_proj_weight", "out_proj.weight") if n in dict(mha.named_parameters())]
+    params = dict(mha.named_parameters())
+    masked = MaskedParams({n: params[n] for n in names}, {n: torch.rand_like(params[n]) < 0.4 for n in names})
+    masked.apply_()
+    return mha, masked
+
+
+def _attention_grads(mha, x, **kw):  # noqa: ANN001, ANN003, ANN202
+    xx = x.clone().requires_grad_()
+    out, weights = mha(xx, xx, xx, **kw)
+    wanted = [xx, mha.in_proj_weight, mha.out_proj.weight, mha.in_proj_bias]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return out, weights, torch.autograd.grad(out, wanted, g)
+
+
+@pytest.mark.parametrize(
+    "batch_first, unbatched, mask, padding, need_weights, causal",
+    [
+        (True, False, None, False, False, False),
+        (True, False, "causal", False, False, True),  # is_causal: scaled_dot_product_attention's own mask
+        (False, False, "float", True, True, False),  # float mask + padding merged, explicit weights
+        (True, False, "heads", True, False, False),  # a (N*heads, L, S) bool mask + bool padding
+        (True, False, "causal", True, False, True),  # padding merged into the mask turns is_causal off
+        (True, False, "causal", True, "per head", True),  # weights per head
+        (False, True, "causal", False, True, False),  # unbatched input
+    ],
+)
+def test_self_attention_projections_compute_sparse_and_equal_dense(
+    batch_first, unbatched, mask, padding, need_weights, causal
+):
+    mha, masked = _routed_attention(batch_first=batch_first)
+    N, L = 3, 5
+    x = torch.randn(L, 16) if unbatched else torch.randn(*((N, L) if batch_first else (L, N)), 16)
+    attn_mask = {
+        None: None,
+        "causal": torch.triu(torch.ones(L, L, dtype=torch.bool), 1),
+        "float": torch.randn(L, L),
+        "heads": torch.rand(N * 4, L, L) < 0.3,
+    }[mask]
+    if mask == "heads":
+        attn_mask[..., 0] = False
+    kpm = None
+    if padding:  # the last key of the first sequence is padding (same mask dtype as attn_mask)
+        kpm = torch.zeros(N, L, dtype=torch.float32 if mask == "float" else torch.bool)
+        kpm[0, -1] = -1e9 if mask == "float" else True
+    kw = dict(
+        key_padding_mask=kpm,
+        need_weights=bool(need_weights),
+        attn_mask=attn_mask,
+        average_attn_weights=need_weights != "per head",
+        is_causal=causal,
+    )
+    ref = _attention_grads(mha, x, **kw)
+    router = SparseComputeRouter(mha, masked, "sparse")
+    got = _attention_grads(mha, x, **kw)
+    assert {n: r.sparse_calls for n, r in router.routes.items()} == {
+        "in_proj_weight": 1,
+        "out_proj.weight": 1,
+    }
+    router.remove()
+    assert "forward" not in mha.__dict__ and "forward" not in mha.out_proj.__dict__
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    if need_weights:
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+    else:
+        assert got[1] is None and ref[1] is None
+    masks = [None, masked.masks["in_proj_weight"], masked.masks["out_proj.weight"], None]
+    for g, r, m in zip(got[2], ref[2], masks):
+        torch.testing.assert_close(g, r if m is None else r * m, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_without_a_sparse_path_computes_dense_and_says_why(caplog):
+    mha, masked = _routed_attention(batch_first=True)
+    router = SparseComputeRouter(mha, masked, "sparse")
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        out = mha(q, kv, kv, need_weights=False)[0]
+        mha(q, kv, kv, need_weights=False)
+    router.remove()
+    torch.testing.assert_close(out, mha(q, kv, kv, need_weights=False)[0])
+    assert sum("not one tensor" in r.message for r in caplog.records) == 2  # once per projection
+    assert all(r.sparse_calls == 0 for r in router.routes.values()) or not router.routes
+
+    for kw, why in ((dict(kdim=8, vdim=8), "kdim/vdim"), (dict(add_bias_kv=True), "add_bias_kv")):
+        mha, masked = _routed_attention(**kw)
+        router = SparseComputeRouter(mha, masked, "sparse")
+        assert router.routes == {} and "forward" not in mha.__dict__
+        assert all(why in reason for reason in router.dense_layers.values()), router.dense_layers
+
+
+class _LMModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm = create_model("transformer_lm", num_classes=24, seq_len=8, dim=16, depth=2, heads=2)
+
+    def forward(self, tokens):  # noqa: ANN001, ANN201
+        return self.lm(tokens[:, :-1])
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        tokens = batch[0]
+        return nn.functional.cross_entropy(self(tokens).reshape(-1, 24), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _lm_fit(tmp_path, callback, spy=None):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    module = _LMModule()
+    tokens = torch.randint(0, 24, (7 * 20, 9), generator=torch.Generator().manual_seed(0))
+    callbacks = [callback] + ([spy] if spy else [])
+    make_trainer(tmp_path, callbacks, max_steps=20).fit(
+        module, DataLoader(TensorDataset(tokens), batch_size=7)
+    )
+    return module
+
+
+def test_transformer_fit_with_sparse_attention_matches_dense_fit(tmp_path):
+    dense = _lm_fit(tmp_path / "d", StaticSparsity(density=0.3))
+    cb = StaticSparsity(density=0.3, compute="sparse")
+    calls = {}
+
+    class Spy(pl.Callback):
+        def on_train_end(self, trainer, pl_module):  # noqa: ANN001
+            calls.update({n: r.sparse_calls for n, r in cb.router.routes.items()})
+
+    sparse = _lm_fit(tmp_path / "s", cb, Spy())
+    assert _max_rel_diff(sparse, dense) <= 1e-4
+    attention = [n for n in calls if ".attn." in n]
+    projections = ("in_proj_weight", "out_proj.weight")
+    assert sorted(attention) == [f"lm.blocks.{i}.attn.{p}" for i in range(2) for p in projections]
+    assert all(v == 20 for v in calls.values()), calls
