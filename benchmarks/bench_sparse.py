@@ -219,13 +219,28 @@ def table_train(args: argparse.Namespace) -> None:
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (args.batch_size,), generator=gen)
-    for model, rule in (("vgg16", "uniform"), ("resnet18", "erk")):
+    images = torch.randn(args.batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (args.batch_size,))
+    # a causal LM of 4 pre-norm blocks (width 256, MLP 1024, 4 heads, untied 1000-token head), 32 tokens a row:
+    # attention projections, MLP and head on the kernels; embeddings and attention scores stay dense
+    tokens = torch.randint(0, 1000, (args.batch_size, 33), generator=gen)
+    lm = dict(seq_len=32, dim=256, depth=4, heads=4, mlp_ratio=4, tie_weights=False)
+    for model, rule, classes, kwargs, (x, y) in (
+        ("vgg16", "uniform", 10, None, images),
+        ("resnet18", "erk", 10, None, images),
+        ("transformer_lm", "erk", 1000, lm, (tokens[:, :-1], tokens[:, 1:])),
+    ):
+        if args.models and model not in args.models:
+            continue
         for d in (0.05, 0.01):
             torch.manual_seed(0)
             base = SparseLightningModule(
-                model, num_classes=10, optimizer="sgd", lr=0.01, momentum=0.9, lr_schedule="constant"
+                model,
+                num_classes=classes,
+                model_kwargs=kwargs,
+                optimizer="sgd",
+                lr=0.01,
+                momentum=0.9,
+                lr_schedule="constant",
             )
             variants = {
                 "dense": [],
@@ -322,6 +337,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--sparseprop", action="store_true", help="also time SparseProp's modules (layers table)"
+    )
+    parser.add_argument(
+        "--models", nargs="+", help="train table: only these models (vgg16, resnet18, transformer_lm)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
