@@ -1,10 +1,11 @@
 """``nn.MultiheadAttention``'s forward with its two projections as callables, so that they can run sparse.
 
 Attention reads its projection weights itself (``in_proj_weight``, ``out_proj.weight``) and hands them to
-``F.multi_head_attention_forward``, so routing the ``Linear`` layers alone never reaches them. For self-attention
-(``query is key is value``) with the packed in-projection, :func:`multihead_attention` computes what
-``nn.MultiheadAttention.forward`` computes (same masks, ``need_weights`` and ``is_causal`` rules, dropout, batch-first
-and unbatched inputs), with ``in_proj(x)`` and ``out_proj(x)`` in place of the two ``F.linear`` calls.
+``F.multi_head_attention_forward``, so routing the ``Linear`` layers alone never reaches them. With the packed
+in-projection, :func:`multihead_attention` computes what ``nn.MultiheadAttention.forward`` computes (same masks,
+``need_weights`` and ``is_causal`` rules, dropout, batch-first and unbatched inputs), with ``in_proj(x)`` and
+``out_proj(x)`` in place of the ``F.linear`` calls. Self-attention (``query is key is value``) projects once;
+cross-attention projects each distinct input with the whole packed layer and keeps its third.
 
 Example:
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
@@ -43,11 +44,25 @@ def attention_unsupported(mha: nn.MultiheadAttention) -> str | None:
 
 def call_unsupported(query: Tensor, key: Tensor, value: Tensor) -> str | None:
     """Why this call of a routable attention computes dense (None: it can use the projections given)."""
-    if not (query is key and key is value):
-        return "query, key and value are not one tensor (only self-attention has a sparse path)"
-    if query.dim() not in (2, 3) or query.is_nested:
-        return f"input of {query.dim()} dims (batched or unbatched sequences only)"
+    if any(t.is_nested for t in (query, key, value)):
+        return "nested tensor inputs"
+    if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+        return f"inputs of {query.dim()}/{key.dim()}/{value.dim()} dims (batched or unbatched sequences only)"
     return None
+
+
+def _sequence_first(query: Tensor, key: Tensor, value: Tensor, batch_first: bool) -> tuple[Tensor, ...]:
+    """(L, N, E) views of the inputs (batch dim 1 added when unbatched), keeping which of them are one tensor."""
+    if query.dim() == 3 and not batch_first:
+        return query, key, value
+
+    def move(t: Tensor) -> Tensor:
+        return t.transpose(1, 0) if t.dim() == 3 else t.unsqueeze(1)
+
+    q = move(query)
+    k = q if key is query else move(key)
+    v = k if value is key else (q if value is query else move(value))
+    return q, k, v
 
 
 def _float_mask(mask: Tensor | None, dtype: torch.dtype, name: str) -> Tensor | None:
@@ -73,26 +88,22 @@ def multihead_attention(
     in_proj: Projection,
     out_proj: Projection,
 ) -> tuple[Tensor, Tensor | None]:
-    """``mha(query, key, value, ...)`` for self-attention, with ``in_proj`` / ``out_proj`` as the projections.
+    """``mha(query, key, value, ...)`` with ``in_proj`` (E -> 3E) / ``out_proj`` (E -> E) as the projections.
 
     The caller checks :func:`attention_unsupported` and :func:`call_unsupported` first.
     """
     batched = query.dim() == 3
-    x = query
-    if batched and mha.batch_first:
-        x = x.transpose(1, 0)
-    if not batched:
-        x = x.unsqueeze(1)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    tgt_len, bsz, embed_dim = x.shape
-    src_len = tgt_len
+    q_in, k_in, v_in = _sequence_first(query, key, value, mha.batch_first)
+    if not batched and key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = q_in.shape
+    src_len = k_in.shape[0]
     heads = mha.num_heads
     head_dim = embed_dim // heads
     if embed_dim != mha.embed_dim:
         raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {embed_dim}")
 
-    key_padding_mask = _float_mask(key_padding_mask, x.dtype, "key_padding_mask")
+    key_padding_mask = _float_mask(key_padding_mask, q_in.dtype, "key_padding_mask")
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "Need attn_mask if specifying the is_causal hint. You may use the Transformer module method "
@@ -101,7 +112,7 @@ def multihead_attention(
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
     else:
-        attn_mask = _float_mask(attn_mask, x.dtype, "attn_mask")
+        attn_mask = _float_mask(attn_mask, q_in.dtype, "attn_mask")
         if key_padding_mask is not None:
             is_causal = False  # merged with the padding mask below, no longer causal
     if attn_mask is not None:
@@ -120,9 +131,18 @@ def multihead_attention(
         else:
             raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
 
-    proj = in_proj(x)  # (L, N, 3E)
-    proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
-    q, k, v = proj[0], proj[1], proj[2]
+    if q_in is k_in and k_in is v_in:  # self-attention: one packed projection
+        proj = in_proj(q_in)  # (L, N, 3E)
+        proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+        q, k, v = proj[0], proj[1], proj[2]
+    else:  # each distinct input is projected once and keeps its third (the rows torch computes it with)
+        projected: dict[int, Tensor] = {}
+        thirds = []
+        for i, t in enumerate((q_in, k_in, v_in)):
+            if id(t) not in projected:
+                projected[id(t)] = in_proj(t)
+            thirds.append(projected[id(t)].narrow(-1, i * embed_dim, embed_dim).contiguous())
+        q, k, v = thirds
     q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1)
     k = k.view(src_len, bsz * heads, head_dim).transpose(0, 1)
     v = v.view(src_len, bsz * heads, head_dim).transpose(0, 1)

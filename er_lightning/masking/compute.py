@@ -7,9 +7,8 @@ of its mask, and falls back to the layer's own dense op whenever the kernels can
 float16/bfloat16 or autocast, ``torch.compile`` tracing, no C compiler), saying so once per layer.
 ``nn.MultiheadAttention`` reads its projection weights itself, so a masked ``in_proj_weight`` or
 ``out_proj.weight`` is routed through an override of the attention's forward
-(:func:`er_lightning.compute.attention.multihead_attention`): self-attention calls compute both projections
-sparse; other calls (cross-attention) and configurations (``kdim``/``vdim``, ``add_bias_kv``) compute dense, said
-once.
+(:func:`er_lightning.compute.attention.multihead_attention`) that computes both projections sparse (cross-attention
+projects each distinct input with the packed layer); ``kdim``/``vdim`` and ``add_bias_kv`` compute dense, said once.
 
 Modes per layer: ``"sparse"`` always uses the kernels where they apply; ``"auto"`` times the dense and the sparse
 op (forward and backward, on the layer's first real training input, interleaved, best of three) and keeps the
@@ -350,8 +349,7 @@ def _projection(module: nn.Module, weight: Tensor, bias: Tensor | None, route: L
 def _routed_attention_forward(
     self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any
 ) -> tuple[Tensor, Tensor | None]:
-    """``MultiheadAttention.forward`` (same arguments) with its masked projections routed: self-attention calls
-    compute sparse, other calls dense."""
+    """``MultiheadAttention.forward`` (same arguments) with its masked projections routed."""
     in_route: LayerRoute | None = self.__dict__[_ROUTE_ATTR]
     out_route: LayerRoute | None = self.out_proj.__dict__.get(_ROUTE_ATTR)
     reason = call_unsupported(query, key, value)

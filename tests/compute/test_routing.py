@@ -329,18 +329,32 @@ def test_self_attention_projections_compute_sparse_and_equal_dense(
         torch.testing.assert_close(g, r if m is None else r * m, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_without_a_sparse_path_computes_dense_and_says_why(caplog):
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_cross_attention_projects_each_input_with_the_packed_layer(shared_kv):
     mha, masked = _routed_attention(batch_first=True)
-    router = SparseComputeRouter(mha, masked, "sparse")
-    q, kv = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
-    with caplog.at_level(logging.INFO, logger="er_lightning"):
-        out = mha(q, kv, kv, need_weights=False)[0]
-        mha(q, kv, kv, need_weights=False)
-    router.remove()
-    torch.testing.assert_close(out, mha(q, kv, kv, need_weights=False)[0])
-    assert sum("not one tensor" in r.message for r in caplog.records) == 2  # once per projection
-    assert all(r.sparse_calls == 0 for r in router.routes.values()) or not router.routes
+    q, k = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    v = k if shared_kv else torch.randn(2, 4, 16)
+    kpm = torch.tensor([[False, False, False, True], [False] * 4])
 
+    def run():  # noqa: ANN202
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        vv = kk if shared_kv else v.clone().requires_grad_()
+        out, weights = mha(qq, kk, vv, key_padding_mask=kpm)
+        wanted = [qq, kk, mha.in_proj_weight, mha.out_proj.weight] + ([] if shared_kv else [vv])
+        return [out, weights, *torch.autograd.grad(out.square().sum(), wanted)]
+
+    ref = run()
+    router = SparseComputeRouter(mha, masked, "sparse")
+    got = run()
+    calls = {n: r.sparse_calls for n, r in router.routes.items()}
+    router.remove()
+    assert calls == {"in_proj_weight": 2 if shared_kv else 3, "out_proj.weight": 1}
+    masks = [None, None, None, None, masked.masks["in_proj_weight"], masked.masks["out_proj.weight"], None]
+    for g, r, m in zip(got, ref, masks):
+        torch.testing.assert_close(g, r if m is None else r * m, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_without_a_sparse_path_computes_dense_and_says_why():
     for kw, why in ((dict(kdim=8, vdim=8), "kdim/vdim"), (dict(add_bias_kv=True), "add_bias_kv")):
         mha, masked = _routed_attention(**kw)
         router = SparseComputeRouter(mha, masked, "sparse")
