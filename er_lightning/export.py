@@ -5,7 +5,9 @@ callback, ``Supermask.bake()``, ``SoftThreshold.finalize()``) and returns an eva
 
 * every ``BatchNorm`` that directly follows a convolution or linear layer is folded into it (exact in eval mode;
   done with ``torch.fx.experimental.optimization.fuse``, skipped with a log line for models ``torch.fx`` cannot
-  trace), and
+  trace),
+* every ``MultiheadAttention`` with a packed in-projection is replaced by a :class:`SparseAttention` holding the
+  same parameters, whose two projections are ``Linear`` layers (attention reads its weights itself otherwise), and
 * every ``Conv2d`` (``groups=1``, zero padding) and ``Linear`` whose density is at most ``max_density`` is
   replaced by :class:`SparseConv2d` / :class:`SparseLinear`, which keep only the active values and their flat
   positions and compute with the CPU kernels (other devices and dtypes compute densely from them).
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from er_lightning.compute import SparseIndex, conv_padding, supports
+from er_lightning.compute.attention import attention_unsupported, call_unsupported, multihead_attention
 from er_lightning.compute.functional import (
     conv2d_values,
     is_batch_last,
@@ -50,7 +53,7 @@ from er_lightning.compute.functional import (
 from er_lightning.compute.layout import layout_free as _layout_free
 from er_lightning.compute.layout import pool_window
 
-__all__ = ["SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "to_sparse"]
+__all__ = ["SparseAttention", "SparseConv2d", "SparseLinear", "load_sparse", "save_sparse", "to_sparse"]
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +229,53 @@ class SparseLinear(_SparseLayer):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight_shape}, density={self.density:.4f}"
+
+
+class SparseAttention(nn.Module):
+    """Inference ``nn.MultiheadAttention`` whose projections are ``Linear`` children (see :func:`to_sparse`).
+
+    ``MultiheadAttention`` hands its projection weights to ``F.multi_head_attention_forward`` itself; here the
+    packed in-projection is ``in_proj`` (E -> 3E) and the output projection ``out_proj``, called as layers, so
+    that :func:`to_sparse` converts them like any other ``Linear``. The forward takes ``MultiheadAttention``'s
+    arguments and computes what it computes (:func:`er_lightning.compute.attention.multihead_attention`).
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+        >>> attn = SparseAttention(mha)
+        >>> x = torch.randn(3, 5, 8)
+        >>> with torch.no_grad():
+        ...     bool(torch.allclose(attn(x, x, x)[0], mha(x, x, x)[0], atol=1e-6))
+        True
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        reason = attention_unsupported(mha)
+        if reason is not None:
+            raise ValueError(f"SparseAttention takes attention with a packed in-projection, not {reason}")
+        self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        e = mha.embed_dim
+        self.in_proj = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None)
+        self.in_proj.weight = mha.in_proj_weight
+        if mha.in_proj_bias is not None:
+            self.in_proj.bias = mha.in_proj_bias
+        out = nn.Linear(e, e, bias=mha.out_proj.bias is not None)
+        out.weight = mha.out_proj.weight
+        if mha.out_proj.bias is not None:
+            out.bias = mha.out_proj.bias
+        self.out_proj = out
+        self.train(mha.training)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
+        if call_unsupported(query, key, value) is not None:
+            raise ValueError(f"SparseAttention: {call_unsupported(query, key, value)}")
+        return multihead_attention(
+            self, query, key, value, *args, **kwargs, in_proj=self.in_proj, out_proj=self.out_proj
+        )
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
 
 
 class BatchLastMaxPool2d(nn.MaxPool2d):
@@ -537,12 +587,26 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _weights_read_directly(model: nn.Module) -> dict[nn.Module, str]:
-    """Linear layers whose ``weight`` their parent reads itself instead of calling them (they must keep it)."""
+    """Linear layers whose ``weight`` their parent reads itself instead of calling them (they must keep it): the
+    ``out_proj`` of attention :func:`_attention_layers` did not replace."""
     return {
-        m.out_proj: "MultiheadAttention reads out_proj.weight itself"
+        m.out_proj: f"MultiheadAttention reads out_proj.weight itself ({attention_unsupported(m)})"
         for m in model.modules()
         if isinstance(m, nn.MultiheadAttention)
     }
+
+
+def _attention_layers(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace each ``MultiheadAttention`` with a packed in-projection (or those in ``names``) by a
+    :class:`SparseAttention` holding the same parameters; returns the names replaced."""
+    done = []
+    for name, sub in list(model.named_modules()):
+        if not isinstance(sub, nn.MultiheadAttention) or (names is not None and name not in names):
+            continue
+        if attention_unsupported(sub) is None:
+            _replace(model, name, SparseAttention(sub))
+            done.append(name)
+    return done
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -635,6 +699,9 @@ def to_sparse(
                 params[name].mul_(mask.to(params[name].device, params[name].dtype))
     if fold_batchnorm:
         model = _fold_batchnorm(model)
+    attention = _attention_layers(model)
+    if attention:
+        log.info("to_sparse: %d MultiheadAttention layers with their projections as layers", len(attention))
     candidates = []
     read_directly = _weights_read_directly(model)
     for name, sub in list(model.named_modules()):
@@ -690,6 +757,7 @@ def save_sparse(model: nn.Module, path: str | os.PathLike) -> None:
             "format_version": FORMAT_VERSION,
             "fold_batchnorm": folded,
             "sparse_layers": sparse,
+            "attention_layers": [n for n, m in model.named_modules() if isinstance(m, SparseAttention)],
             "state_dict": model.state_dict(),
         },
         path,
@@ -711,6 +779,13 @@ def load_sparse(template: nn.Module, path: str | os.PathLike) -> nn.Module:
     _strip_routes(model)
     if data["fold_batchnorm"]:
         model = _fold_batchnorm(model)
+    attention = list(data.get("attention_layers", []))  # exports before attention support have none
+    missing = sorted(set(attention) - set(_attention_layers(model, attention)))
+    if missing:
+        raise ValueError(
+            f"{os.fspath(path)}: attention layers {missing} have no MultiheadAttention with a packed "
+            "in-projection in the template"
+        )
     modules = dict(model.named_modules())
     read_directly = _weights_read_directly(model)
     for name in data["sparse_layers"]:

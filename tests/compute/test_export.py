@@ -10,7 +10,14 @@ from torch import nn
 
 from er_lightning import RigL, SoftThreshold, StaticSparsity, Supermask
 from er_lightning.compute import kernels_available
-from er_lightning.export import SparseConv2d, SparseLinear, load_sparse, save_sparse, to_sparse
+from er_lightning.export import (
+    SparseAttention,
+    SparseConv2d,
+    SparseLinear,
+    load_sparse,
+    save_sparse,
+    to_sparse,
+)
 from er_lightning.models import create_model
 from tests.conftest import PlainModule, make_trainer, random_loader
 
@@ -104,6 +111,11 @@ def test_load_sparse_refuses_foreign_or_tampered_files(tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="layer9.conv"):
         load_sparse(fresh, tmp_path / "bad.pt")
+
+    assert data["attention_layers"] == []
+    torch.save(dict(data, attention_layers=["layer1"]), tmp_path / "attn.pt")
+    with pytest.raises(ValueError, match=r"attention layers \['layer1'\]"):
+        load_sparse(fresh, tmp_path / "attn.pt")
 
     name = data["sparse_layers"][0]
     sd = dict(data["state_dict"])
@@ -326,9 +338,9 @@ def test_additions_and_relus_after_a_sparse_conv_are_fused_into_its_stores(tmp_p
         torch.testing.assert_close(again(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_transformer_exports_with_attention_projections_left_to_attention(tmp_path, caplog):
-    """MultiheadAttention reads out_proj.weight itself: that Linear must keep its weight (it stays dense), the
-    model's other Linear layers compute sparse, and the export saves and loads."""
+def test_a_transformer_exports_with_attention_projections_on_the_kernels(tmp_path):
+    """MultiheadAttention reads its projection weights itself: the export replaces it with a SparseAttention whose
+    projections are layers, converted like every other Linear; outputs equal, save and load round-trip."""
     torch.manual_seed(0)
     model = create_model("transformer_lm", num_classes=40, seq_len=8, dim=16, depth=2, heads=2).eval()
     with torch.no_grad():
@@ -336,13 +348,14 @@ def test_a_transformer_exports_with_attention_projections_left_to_attention(tmp_
             if p.dim() == 2 and "embed" not in name and "token" not in name and "position" not in name:
                 p.mul_(torch.rand_like(p) < 0.2)
     tokens = torch.randint(0, 40, (3, 8))
-    with caplog.at_level(logging.INFO, logger="er_lightning"):
-        fast = to_sparse(model)
+    fast = to_sparse(model)
     kinds = {n: type(m) for n, m in fast.named_modules()}
+    layers = ("attn.in_proj", "attn.out_proj", "fc1", "fc2")
     assert [n for n, k in kinds.items() if k is SparseLinear] == [
-        f"blocks.{i}.{fc}" for i in range(2) for fc in ("fc1", "fc2")
+        f"blocks.{i}.{n}" for i in range(2) for n in layers
     ]
-    assert sum("out_proj stays dense" in r.message for r in caplog.records) == 2
+    assert [n for n, k in kinds.items() if k is SparseAttention] == ["blocks.0.attn", "blocks.1.attn"]
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in fast.modules())
     with torch.no_grad():
         torch.testing.assert_close(fast(tokens), model(tokens), rtol=1e-4, atol=1e-4)
     path = tmp_path / "lm.pt"
@@ -352,3 +365,27 @@ def test_a_transformer_exports_with_attention_projections_left_to_attention(tmp_
     )
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model(tokens), rtol=1e-4, atol=1e-4)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, SparseLinear)] == [
+        n for n, k in kinds.items() if k is SparseLinear
+    ]
+
+
+def test_attention_export_matches_torch_for_cross_attention_and_masks():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4).eval()  # sequence-first
+    with torch.no_grad():
+        for p in (mha.in_proj_weight, mha.out_proj.weight):
+            p.mul_(torch.rand_like(p) < 0.2)
+    wrapped = nn.ModuleDict({"attn": mha})
+    fast = to_sparse(wrapped)
+    assert isinstance(fast["attn"], SparseAttention)
+    assert isinstance(fast["attn"].in_proj, SparseLinear) and isinstance(fast["attn"].out_proj, SparseLinear)
+    q, kv = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, -2:] = True
+    with torch.no_grad():
+        for args in ((q, q, q), (q, kv, kv), (q, kv, torch.randn(7, 2, 16))):
+            got, got_w = fast["attn"](*args, key_padding_mask=kpm if args[1] is kv else None)
+            ref, ref_w = mha(*args, key_padding_mask=kpm if args[1] is kv else None)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-5)
