@@ -56,6 +56,10 @@ LAYERS = [
     ("linear 4096x4096", 4096, 0),
 ]
 DENSITIES = (0.1, 0.05, 0.01)
+#: the transformer of the train and inference tables: a causal LM of 4 pre-norm blocks (width 256, MLP 1024,
+#: 4 heads), an untied 1000-token head, 32 tokens a row (attention projections, MLP and head on the kernels;
+#: embeddings and attention scores stay dense)
+_LM = dict(seq_len=32, dim=256, depth=4, heads=4, mlp_ratio=4, tie_weights=False)
 
 
 def _rounds(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
@@ -220,14 +224,11 @@ def table_train(args: argparse.Namespace) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, 32, 32, generator=gen), torch.randint(0, 10, (args.batch_size,))
-    # a causal LM of 4 pre-norm blocks (width 256, MLP 1024, 4 heads, untied 1000-token head), 32 tokens a row:
-    # attention projections, MLP and head on the kernels; embeddings and attention scores stay dense
     tokens = torch.randint(0, 1000, (args.batch_size, 33), generator=gen)
-    lm = dict(seq_len=32, dim=256, depth=4, heads=4, mlp_ratio=4, tie_weights=False)
     for model, rule, classes, kwargs, (x, y) in (
         ("vgg16", "uniform", 10, None, images),
         ("resnet18", "erk", 10, None, images),
-        ("transformer_lm", "erk", 1000, lm, (tokens[:, :-1], tokens[:, 1:])),
+        ("transformer_lm", "erk", 1000, _LM, (tokens[:, :-1], tokens[:, 1:])),
     ):
         if args.models and model not in args.models:
             continue
@@ -294,14 +295,21 @@ def table_inference(args: argparse.Namespace) -> None:
     )
     print("| model | rule | density | batch 32 | batch 1 | max rel. error |")
     print("|---|---|---:|---:|---:|---:|")
-    for model_name, rule in (("vgg16", "uniform"), ("resnet18", "erk")):
+    rows = (
+        ("vgg16", "uniform", 10, {}, lambda b: torch.randn(b, 3, 32, 32)),
+        ("resnet18", "erk", 10, {}, lambda b: torch.randn(b, 3, 32, 32)),
+        ("transformer_lm", "erk", 1000, _LM, lambda b: torch.randint(0, 1000, (b, 32))),
+    )
+    for model_name, rule, classes, kwargs, make_input in rows:
+        if args.models and model_name not in args.models:
+            continue
         for d in (0.05, 0.01):
             torch.manual_seed(0)
-            model = create_model(model_name, num_classes=10).eval()
+            model = create_model(model_name, num_classes=classes, **kwargs).eval()
             _random_sparse(model, rule, d)
             cells, err = [], 0.0
             for b in (32, 1):
-                x = torch.randn(b, 3, 32, 32)
+                x = make_input(b)
                 fast = to_sparse(model, example_input=x)  # per layer: sparse only where it is faster here
                 with torch.no_grad():
                     ref = model(x)
@@ -339,7 +347,7 @@ def main() -> None:
         "--sparseprop", action="store_true", help="also time SparseProp's modules (layers table)"
     )
     parser.add_argument(
-        "--models", nargs="+", help="train table: only these models (vgg16, resnet18, transformer_lm)"
+        "--models", nargs="+", help="train and inference tables: only these (vgg16, resnet18, transformer_lm)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
