@@ -440,22 +440,41 @@ def is_batch_last(t: Tensor) -> bool:
     return True
 
 
+def _flat_batch_last(t: Tensor) -> bool:
+    """Whether the (B, C) tensor ``t`` (a linear layer's input or result) lies in memory as (C, B), B > 1."""
+    return (
+        t.dim() == 2
+        and t.shape[0] > 1
+        and t.stride(0) == 1
+        and (t.shape[1] == 1 or t.stride(1) == t.shape[0])
+    )
+
+
+def _as_batch_last(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """The contiguous ``t`` holding a (C, H, W, B) or, for a 2-D ``shape`` (B, C), a (C, B) block, seen as the
+    batch-last tensor of ``shape``: not an autograd view (``set_`` on the same storage; see batch_last_view)."""
+    if len(shape) == 4:
+        B, C, H, W = shape
+        strides: tuple[int, ...] = (1, H * W * B, W * B, B)
+    else:
+        B, C = shape
+        strides = (1, B)
+    with torch.no_grad():
+        return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), shape, strides)
+
+
 def batch_last_view(t: Tensor) -> Tensor:
     """The contiguous (C, H, W, B) tensor ``t`` seen as the (B, C, H, W) batch-last tensor it holds.
 
     Not an autograd view (``set_`` on the same storage): a custom Function's output that is a view of one of
     its intermediates may not be modified in place, and an in-place ReLU on a layer's result is common."""
     C, H, W, B = t.shape
-    strides = (1, H * W * B, W * B, B)
-    with torch.no_grad():
-        return torch.empty(0, dtype=t.dtype).set_(
-            t.untyped_storage(), t.storage_offset(), (B, C, H, W), strides
-        )
+    return _as_batch_last(t, (B, C, H, W))
 
 
 def _pack(lib, t: Tensor, out: Tensor, geometry: tuple[int, ...], nt: int) -> None:  # noqa: ANN001
     """Phase planes of ``t`` (B, C, H, W) into ``out``: row copies from a batch-last ``t``, transposes otherwise."""
-    if is_batch_last(t):
+    if is_batch_last(t) or _flat_batch_last(t):
         lib.er_pack_bl(_ptr(t), _ptr(out), *geometry, nt)
     else:
         src = t.contiguous()  # held until the call returns
@@ -672,7 +691,7 @@ def _result(index, y, planes, out_border, b, batch_last, geom, y_row, flat=False
             out = index.buffers.take("out_bl", (OC, OH, OW * B))
             out.view(OC, OH, OW, B).copy_(y.view(OC, OH, Wq, B)[:, :, :OW])
             y = out
-        return batch_last_view(y.view(OC, OH, OW, B))
+        return _as_batch_last(y, (B, OC) if flat else (B, OC, OH, OW))
     out = index.buffers.take("out", (B, OC) if flat else (B, OC, OH, OW))
     lib.er_unpack_out(_ptr(y), _ptr(b), _ptr(out), B, OC, OH, OW, y_row, torch.get_num_threads())
     return out
@@ -720,7 +739,7 @@ class _SparseConv(torch.autograd.Function):
         ctx.has_bias = bias is not None
         # the input gradient is returned in the input's layout: a batch-last input came from a layer (or an
         # activation of one) that computes batch-last, and its backward then reads rows instead of transposes
-        ctx.grad_batch_last = x.shape[0] > 1 and is_batch_last(x)
+        ctx.grad_batch_last = x.shape[0] > 1 and (is_batch_last(x) or _flat_batch_last(x))
         return out
 
     @staticmethod
@@ -833,7 +852,7 @@ def _unpack_grad(lib, ctx, gxq: Tensor) -> Tensor:  # noqa: ANN001
     if ctx.grad_batch_last:
         grad_x = index.buffers.take("grad_x_bl", (C, H, W, B))
         lib.er_unpack_grad_bl(_ptr(gxq), _ptr(grad_x), *args)
-        return grad_x.permute(3, 0, 1, 2)
+        return grad_x.view(C, B).t() if ctx.flat else grad_x.permute(3, 0, 1, 2)
     grad_x = index.buffers.take("grad_x", (B, C) if ctx.flat else (B, C, H, W))
     lib.er_unpack_grad(_ptr(gxq), _ptr(grad_x), *args)
     return grad_x
@@ -951,13 +970,18 @@ def sparse_conv2d(
     return _SparseConv.apply(x, weight, bias, index, pad, batch_last)
 
 
-def sparse_linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex) -> Tensor:
-    """``F.linear(x, weight, bias)`` over the active weights of ``index``; ``x`` may have any leading dims."""
+def sparse_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, index: SparseIndex, batch_last: bool = False
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` over the active weights of ``index``; ``x`` may have any leading dims.
+
+    With ``batch_last`` the result lies in memory as (OUT, N) for its N rows (the kernels' layout; same values), which
+    the next sparse linear layer reads with row copies instead of a transpose; any input layout is read."""
     if tuple(weight.shape) != index.shape:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, the index was built for {index.shape}")
     # a linear layer is a 1x1 convolution of 1x1 maps: (N, IN) is computed as (N, IN, 1, 1) without a view (and
     # without the view's backward node)
     if x.dim() == 2:
-        return _SparseConv.apply(x, weight, bias, index, (0, 0, 0, 0))
-    y = _SparseConv.apply(x.reshape(-1, x.shape[-1]), weight, bias, index, (0, 0, 0, 0))
+        return _SparseConv.apply(x, weight, bias, index, (0, 0, 0, 0), batch_last)
+    y = _SparseConv.apply(x.reshape(-1, x.shape[-1]), weight, bias, index, (0, 0, 0, 0), batch_last)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -152,7 +152,7 @@ class LayerRoute:
         else:
 
             def sparse(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-                return sparse_linear(a, w, b, self.index(1, 1))
+                return sparse_linear(a, w, b, self.index(1, 1), self.batch_last())
 
         if self.decision is None:
             self.decision = self._probe(x, weight, bias, dense, sparse)
@@ -290,13 +290,14 @@ def _traced(module: nn.Module, training: bool):  # noqa: ANN202
 
 
 def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, LayerRoute]):  # noqa: ANN001, ANN202
-    """(routed convs whose every result may be batch-last, BatchNorm2d/MaxPool2d modules such results reach).
+    """(routed layers whose every result may be batch-last, BatchNorm2d/MaxPool2d modules such results reach).
 
     A convolution qualifies when everything reachable from its result through layout-free operations (the
     tables of :mod:`er_lightning.compute.layout`, plus ``BatchNorm2d`` and window = stride ``MaxPool2d``, which
     the router computes with the kernels on batch-last input) is consumed only by layout-free operations and as
     the input of routed convolutions, which read any layout: no view, no flatten, no other module, not the
-    traced module's output."""
+    traced module's output. A linear layer qualifies likewise, its result reaching layout-free operations and
+    routed linear layers only (a transformer MLP's ``fc2(gelu(fc1(x)))``: fc1)."""
 
     def routed_conv(n) -> nn.Module | None:  # noqa: ANN001
         m = modules.get(n.target) if n.op == "call_module" else None
@@ -308,15 +309,20 @@ def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, Lay
         conv = routed_conv(node)
         if conv is None:
             continue
+        linear = isinstance(
+            conv, nn.Linear
+        )  # its result may reach routed linear layers, not BatchNorm / pooling
         good, seen, stack, planned = True, {node}, [node], set()
         while stack and good:
             value = stack.pop()
             for user in value.users:
                 if user in seen:
                     continue
-                if routed_conv(user) is not None and user.args == (value,) and not user.kwargs:
-                    continue  # read as a routed convolution's input
-                routed = user.op == "call_module" and _planned_module(modules.get(user.target))
+                reader = routed_conv(user)
+                same_kind = reader is not None and isinstance(reader, nn.Linear) == linear
+                if same_kind and user.args == (value,) and not user.kwargs:
+                    continue  # read as a routed layer's input (of the same kind)
+                routed = not linear and user.op == "call_module" and _planned_module(modules.get(user.target))
                 if not routed and not layout_free(user, modules):
                     good = False
                     break
@@ -461,7 +467,11 @@ class SparseComputeRouter:
 
     def _plan_layouts(self, scopes: list[nn.Module]) -> None:
         """Trace ``scopes`` and switch the convolutions the plan allows (see the class doc)."""
-        convs = {m: m.__dict__[_ROUTE_ATTR] for m in self._modules if isinstance(m, nn.Conv2d)}
+        convs = {
+            m: m.__dict__[_ROUTE_ATTR]
+            for m in self._modules
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.__dict__.get(_ROUTE_ATTR) is not None
+        }
         while scopes:
             scope = scopes.pop(0)
             inner = [m for m in scope.modules() if m in convs]
@@ -495,7 +505,8 @@ class SparseComputeRouter:
                     self._modules.append(m)
         if self.batch_last_layers:
             log.info(
-                "er_lightning sparse compute: %d of %d routed convolutions hand their results on batch-last",
+                "er_lightning sparse compute: %d of %d routed convolution/linear layers hand their results on "
+                "batch-last",
                 len(self.batch_last_layers),
                 len(convs),
             )

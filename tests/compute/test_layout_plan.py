@@ -279,3 +279,43 @@ def test_the_plan_can_be_switched_off_by_the_environment(monkeypatch):
     assert not any("forward" in m.__dict__ for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     assert not net._forward_hooks  # no scope hooks either
     assert net(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+class Mlp(nn.Module):
+    """A transformer-style MLP on (N, T, E) tokens with a residual, then a layer whose result is viewed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(24, 12)
+        self.fc3 = nn.Linear(12, 24)  # its result is viewed: must stay row-major
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.fc2(F.dropout(self.act(self.fc1(x)), 0.0, self.training))
+        z = self.fc3(h)
+        return self.head(z.view(-1, 24)).view(x.shape[0], x.shape[1], 5)
+
+
+def test_a_linear_whose_result_reaches_only_activations_and_linears_hands_it_on_batch_last():
+    torch.manual_seed(0)
+    net = Mlp()
+    x = torch.randn(3, 7, 12, requires_grad=True)
+    ref = net(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, net.fc1.weight, net.fc1.bias, net.fc2.weight])
+    router = _router(net, density=1.0)  # all active: the same function as the dense model
+    # fc1 reaches GELU, dropout and fc2; fc2 the residual addition and fc3; fc3 a view
+    assert router.batch_last_layers == ["fc1.weight", "fc2.weight"]
+    seen = []
+    net.act.register_forward_hook(lambda m, a, o: seen.append((a[0].stride(), o.stride())))
+    net.fc1.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].stride()))
+    out = net(x)
+    grads = torch.autograd.grad(out.square().sum(), [x, net.fc1.weight, net.fc1.bias, net.fc2.weight])
+    # (N, T, 24) stored as (24, N*T): strides (T, 1, N*T) on the way in and out, and for the gradient coming back
+    assert seen == [((7, 1, 21), (7, 1, 21)), (7, 1, 21)]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    router.remove()
+    assert net.fc1(x).is_contiguous()

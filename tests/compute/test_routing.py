@@ -394,11 +394,16 @@ def test_transformer_fit_with_sparse_attention_matches_dense_fit(tmp_path):
     cb = StaticSparsity(density=0.3, compute="sparse")
     calls = {}
 
+    planned = []
+
     class Spy(pl.Callback):
         def on_train_end(self, trainer, pl_module):  # noqa: ANN001
             calls.update({n: r.sparse_calls for n, r in cb.router.routes.items()})
+            planned.extend(cb.router.batch_last_layers)
 
     sparse = _lm_fit(tmp_path / "s", cb, Spy())
+    # each block's fc1 hands its result to fc2 batch-last (through GELU); fc2 feeds the residual stream
+    assert planned == [f"lm.blocks.{i}.fc1.weight" for i in range(2)]
     assert _max_rel_diff(sparse, dense) <= 1e-4
     attention = [n for n in calls if ".attn." in n]
     projections = ("in_proj_weight", "out_proj.weight")
