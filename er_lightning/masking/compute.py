@@ -394,7 +394,9 @@ class SparseComputeRouter:
     returns that result batch-last while its scope's forward runs: the next routed convolution packs it with row
     copies instead of transposes, those ``BatchNorm2d`` layers normalise its contiguous per-channel blocks with a
     kernel, those poolings pool it in its layout, and the input gradient comes back in the same layout. The
-    values are the same; only the strides differ, and nothing outside the plan sees them.
+    values are the same; only the strides differ, and nothing outside the plan sees them. A routed ``Linear``
+    whose result reaches only layout-free operations and routed ``Linear`` layers returns it likewise as (OUT, N)
+    in memory for its N rows (a transformer MLP's ``fc1``).
     """
 
     def __init__(
