@@ -265,7 +265,15 @@ class SparseAttention(nn.Module):
         if mha.out_proj.bias is not None:
             out.bias = mha.out_proj.bias
         self.out_proj = out
+        # torch's fused transformer paths (TransformerEncoderLayer / TransformerEncoder in eval) read the dense
+        # projection weights themselves; they check this flag first and keep off, calling this module instead
+        self._qkv_same_embed_dim = False
         self.train(mha.training)
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        """The in-projection's bias (read by torch's transformer layers before they choose a path)."""
+        return self.in_proj.bias
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
         if call_unsupported(query, key, value) is not None:

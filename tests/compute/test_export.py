@@ -389,3 +389,27 @@ def test_attention_export_matches_torch_for_cross_attention_and_masks():
             ref, ref_w = mha(*args, key_padding_mask=kpm if args[1] is kv else None)
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got_w, ref_w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_layers_export_with_sparse_attention(batch_first):
+    """nn.TransformerEncoder(Layer) inspects its attention before choosing a fused path that reads the dense
+    projection weights itself: the export keeps it on the plain path, which calls SparseAttention."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first).eval()
+    dec = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first).eval()
+    with torch.no_grad():
+        for p in [*enc.parameters(), *dec.parameters()]:
+            if p.dim() == 2:
+                p.mul_(torch.rand_like(p) < 0.2)
+    fast_enc, fast_dec = to_sparse(enc), to_sparse(dec)
+    assert sum(isinstance(m, SparseAttention) for m in fast_enc.modules()) == 2
+    assert sum(isinstance(m, SparseAttention) for m in fast_dec.modules()) == 2  # self- and cross-attention
+    assert sum(isinstance(m, SparseLinear) for m in fast_enc.modules()) == 8
+    src, tgt = torch.randn(3, 5, 16), torch.randn(3, 4, 16)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_enc(src), enc(src), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast_dec(tgt, src), dec(tgt, src), rtol=1e-4, atol=1e-5)
