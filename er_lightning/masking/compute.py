@@ -309,9 +309,8 @@ def _plan_graph(graph, modules: dict[str, nn.Module], convs: dict[nn.Module, Lay
         conv = routed_conv(node)
         if conv is None:
             continue
-        linear = isinstance(
-            conv, nn.Linear
-        )  # its result may reach routed linear layers, not BatchNorm / pooling
+        # a linear layer's result may reach routed linear layers, not BatchNorm / pooling
+        linear = isinstance(conv, nn.Linear)
         good, seen, stack, planned = True, {node}, [node], set()
         while stack and good:
             value = stack.pop()
