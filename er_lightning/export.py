@@ -10,7 +10,9 @@ callback, ``Supermask.bake()``, ``SoftThreshold.finalize()``) and returns an eva
   same parameters, whose two projections are ``Linear`` layers (attention reads its weights itself otherwise), and
 * every ``Conv2d`` (``groups=1``, zero padding) and ``Linear`` whose density is at most ``max_density`` is
   replaced by :class:`SparseConv2d` / :class:`SparseLinear`, which keep only the active values and their flat
-  positions and compute with the CPU kernels (other devices and dtypes compute densely from them).
+  positions and compute with the CPU kernels (other devices and dtypes compute densely from them); with an
+  ``example_input``, dense convolutions next to sparse ones may become a :class:`SparseConv2d` holding every
+  weight, where timing shows that computing them in the kernels' layout beats transposing to and from it.
 
 :func:`save_sparse` writes tensors, lists and strings only, so :func:`load_sparse` reads the file with
 ``torch.load(..., weights_only=True)``; it rebuilds the same structure from a freshly built (untrained) model of
@@ -665,6 +667,80 @@ def _faster_sparse(
     return best["s"] < best["d"], best["d"], best["s"]
 
 
+def _dense_neighbours(model: nn.Module, inputs: dict[str, Tensor]) -> list[tuple[str, float]]:
+    """Dense convolutions next to sparse ones that the kernels compute faster, in their layout, with all weights.
+
+    A dense ``Conv2d`` whose result reaches a :class:`SparseConv2d` through layout-free operations (a ResNet's
+    stem, its shortcuts) hands it on through a transpose into the batch-last layout, and one whose input comes
+    from a sparse conv reads it through a transpose back. A :class:`SparseConv2d` holding every weight computes
+    it in that layout (its rows share one index, so the kernel keeps blocks of rows in registers). Each such
+    layer with an input in ``inputs`` is timed both ways, the transposes with the dense one, and replaced where
+    the kernel is faster (logged). Returns (name, density) of the layers replaced.
+    """
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return []
+    modules, calls = dict(model.named_modules()), _module_calls(model.graph)
+
+    def is_sparse(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(modules.get(n.target), SparseConv2d)
+
+    def free(n: fx.Node) -> bool:
+        return _layout_free(n, modules, (nn.MaxPool2d,))
+
+    def reaches_sparse(n: fx.Node, seen: set[fx.Node]) -> bool:
+        for user in n.users:
+            if user not in seen:
+                seen.add(user)
+                if (is_sparse(user) and user.args and user.args[0] is n) or (
+                    free(user) and reaches_sparse(user, seen)
+                ):
+                    return True
+        return False
+
+    def from_sparse(n: object, seen: set[fx.Node]) -> bool:
+        if not isinstance(n, fx.Node) or n in seen:
+            return False
+        seen.add(n)
+        return is_sparse(n) or (free(n) and any(from_sparse(a, seen) for a in n.all_input_nodes))
+
+    replaced = []
+    for n in list(model.graph.nodes):
+        sub = modules.get(n.target) if n.op == "call_module" else None
+        if (
+            type(sub) is not nn.Conv2d
+            or not _convertible(sub)
+            or n.target not in inputs
+            or calls[n.target] != 1
+        ):
+            continue
+        bl_in, bl_out = bool(n.args) and from_sparse(n.args[0], set()), reaches_sparse(n, set())
+        if not (bl_in or bl_out):
+            continue
+        x = to_batch_last(inputs[n.target]) if bl_in else inputs[n.target]
+        full = SparseConv2d(sub, torch.ones_like(sub.weight, dtype=torch.bool))
+        full.batch_last_out = bl_out
+
+        def dense(t: Tensor, sub: nn.Module = sub, bl_out: bool = bl_out) -> Tensor:
+            y = sub(to_contiguous(t))
+            return to_batch_last(y) if bl_out else y
+
+        faster, t_dense, t_full = _faster_sparse(dense, full, x)
+        full.batch_last_out = False  # the layout plan decides
+        log.info(
+            "to_sparse: %s (dense, next to sparse layers) with transposes %.2f ms, in the kernels' layout %.2f ms: %s",
+            n.target,
+            t_dense * 1e3,
+            t_full * 1e3,
+            "kernels" if faster else "stays dense",
+        )
+        if faster:
+            _replace(model, n.target, full)
+            replaced.append((n.target, 1.0))
+    return replaced
+
+
 def to_sparse(
     module: nn.Module,
     masks: Mapping[str, Tensor] | None = None,
@@ -684,7 +760,10 @@ def to_sparse(
         max_density: layers denser than this stay dense (dense kernels win there).
         example_input: a batch (or tuple of forward arguments) of the size you will run; when given, each
             candidate layer is timed dense against sparse on the input it sees and converted only where sparse
-            is faster (logged). Without it, every layer at or below ``max_density`` is converted.
+            is faster (logged), and so is each dense ``Conv2d`` next to a sparse one (a ResNet's stem and
+            shortcuts): computed by the kernels with all its weights, in their layout, against dense plus the
+            transposes between layouts it needs (see :func:`_dense_neighbours`). Without it, every layer at or
+            below ``max_density`` is converted and no other.
 
     Returns:
         A new module in eval mode; ``module`` itself is not changed.
@@ -722,8 +801,16 @@ def to_sparse(
         density = float(mask.float().mean())
         if density <= max_density:
             candidates.append((name, sub, mask, density))
+    chosen = {c[0] for c in candidates}
+    dense_convs = [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Conv2d and _convertible(m) and n not in chosen and m not in read_directly
+    ]
     inputs = (
-        _layer_inputs(model, [c[0] for c in candidates], example_input) if example_input is not None else {}
+        _layer_inputs(model, [c[0] for c in candidates] + dense_convs, example_input)
+        if example_input is not None
+        else {}
     )
     converted = []
     for name, sub, mask, density in candidates:
@@ -742,6 +829,7 @@ def to_sparse(
                 continue
         _replace(model, name, new)
         converted.append((name, density))
+    converted += _dense_neighbours(model, {n: inputs[n] for n in dense_convs + list(chosen) if n in inputs})
     log.info(
         "to_sparse: %d layers compute sparse (%s)",
         len(converted),

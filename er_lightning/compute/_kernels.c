@@ -316,6 +316,65 @@ void er_spmm_blocked(int64_t nrows, int64_t ncb, const int64_t *bptr, const int3
     }
 }
 
+/* As er_spmm for a layer whose rows all read the same K offsets (a fully dense layer: vals is the row-major
+ * OC x K weight): blocks of 6 rows x 64 floats keep 24 accumulators in registers, so each input vector loaded
+ * feeds 6 FMAs instead of 1. Rows past the last full block and span tails past the last 64 floats go through
+ * row_axpy (reading into the input's slack as er_spmm does). Work is split over (output row i, span tile, row
+ * block), row blocks innermost: a thread's consecutive blocks reuse one input tile from L1/L2. */
+void er_dense_rows(int64_t nrows, int64_t K, const int32_t *offs, const float *vals, const float *in,
+                   int64_t in_row, float *out, int64_t out_plane, int64_t out_row, int64_t n_i, int64_t L,
+                   const float *bias, const float *res, int64_t res_plane, int64_t res_row, int relu,
+                   int nthreads) {
+    enum { R = 6, T = 4 * VL };
+    const int64_t nrb = nrows / R, ntiles = L / T, tail = L - ntiles * T;
+    /* work items: (i, tile, row block) full blocks, then (i, row) for what they leave (tail rows, span tail) */
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for collapse(3) schedule(static)
+        for (int64_t i = 0; i < n_i; i++) {
+            for (int64_t t = 0; t < ntiles; t++) {
+                for (int64_t rb = 0; rb < nrb; rb++) {
+                    const float *base = in + i * in_row + t * T;
+                    const float *w = vals + rb * R * K;
+                    vf a[R][4];
+                    for (int r = 0; r < R; r++) {
+                        const vf bv = (vf){0} + (bias ? bias[rb * R + r] : 0.f);
+                        a[r][0] = bv, a[r][1] = bv, a[r][2] = bv, a[r][3] = bv;
+                    }
+                    for (int64_t k = 0; k < K; k++) {
+                        const float *p = base + offs[k];
+                        const vf x0 = ld(p), x1 = ld(p + VL), x2 = ld(p + 2 * VL), x3 = ld(p + 3 * VL);
+#pragma GCC unroll 6
+                        for (int r = 0; r < R; r++) {
+                            const float c = w[r * K + k];
+                            a[r][0] += c * x0;
+                            a[r][1] += c * x1;
+                            a[r][2] += c * x2;
+                            a[r][3] += c * x3;
+                        }
+                    }
+                    for (int r = 0; r < R; r++) {
+                        const int64_t row = rb * R + r;
+                        float *o = out + row * out_plane + i * out_row + t * T;
+                        const float *rs = res ? res + row * res_plane + i * res_row + t * T : NULL;
+                        for (int j = 0; j < 4; j++) st(o + j * VL, epi(a[r][j], rs ? rs + j * VL : NULL, relu));
+                    }
+                }
+            }
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t i = 0; i < n_i; i++) {
+            for (int64_t row = 0; row < nrows; row++) {
+                const int64_t u = row < nrb * R ? ntiles * T : 0, len = row < nrb * R ? tail : L;
+                if (len == 0) continue;
+                const float *rs = res ? res + row * res_plane + i * res_row + u : NULL;
+                row_axpy(out + row * out_plane + i * out_row + u, in + i * in_row + u, offs, vals + row * K, K,
+                         len, bias ? bias[row] : 0.f, rs, relu);
+            }
+        }
+    }
+}
+
 /* The input gradient of a linear layer (1x1 planes, spans of L floats) in the forward order of its weights:
  * gx[offs[k] + u] += vals[k] * dy[r*dy_row + u] for k in row r, each thread into its own copy (gx itself for
  * thread 0, `part` for the others, `size` floats each), summed at the end: meant for copies that fit in L2, where

@@ -41,6 +41,7 @@ _RETURNS_INT = {"er_border_zero"}
 _SIGNATURES = {
     "er_bn_train": [_ptr, _ptr, _i64, _i64, _ptr, _ptr, _f64, _f64, _ptr, _ptr, _ptr, _ptr, _i32],
     "er_border_zero": [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64],
+    "er_dense_rows": [_i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i32, _i32],
     "er_gather": [_ptr, _ptr, _i64, _ptr, _i32],
     "er_offsets": [_i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _i32],
     "er_spmm": [_i64, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i32, _i32],

@@ -142,6 +142,8 @@ class SparseIndex:
         flat = mask4.detach().to("cpu").reshape(-1).nonzero().reshape(-1)
         self.flat_index = flat
         self.nnz = int(flat.numel())
+        #: every weight active: all rows read the same offsets (the kernels block rows in registers then)
+        self.dense_rows = self.nnz == mask4.numel() and self.nnz > 0
         o = flat // (ic * kh * kw)
         rest = flat % (ic * kh * kw)
         c = rest // (kh * kw)
@@ -552,9 +554,14 @@ def _spmm(
     its position, then ReLU, as it is stored.
     """
     offs, vals, inp, in_row, out, out_plane, out_row, n_i, L, band, bias, nt = args
+    res, res_plane, res_row, relu = epilogue
+    if index.dense_rows and not transposed:  # every row reads the same offsets: rows in register blocks
+        K = index.nnz // index.out_channels
+        common = (offs, vals + 4 * phase * nrows * K, inp, in_row, out, out_plane, out_row, n_i, L)
+        lib.er_dense_rows(nrows, K, *common, bias, res, res_plane, res_row, int(relu), nt)
+        return
     size = index.block_size(transposed) if L >= _MIN_SPAN and n_i * (L // 128) >= _MIN_TILES else 0
     common = (offs, vals, inp, in_row, out, out_plane, out_row, n_i, L)
-    res, res_plane, res_row, relu = epilogue
     if size:
         n, ptr = index.blocks(transposed, size)
         ptr_at = _ptr(ptr) + 8 * phase * nrows * n

@@ -146,9 +146,52 @@ def test_to_sparse_with_an_example_input_times_every_candidate_layer(tmp_path, c
         1 for p in module.net.parameters() if p.dim() in (2, 4) and float((p != 0).float().mean()) <= 0.5
     )
     assert len(decided) == candidates  # one timed decision per candidate layer, logged
-    kept_sparse = sum(isinstance(m, (SparseConv2d, SparseLinear)) for m in fast.modules())
+    kept_sparse = sum(isinstance(m, (SparseConv2d, SparseLinear)) and m.density < 1 for m in fast.modules())
     assert kept_sparse == sum("sparse" in m.rsplit(":", 1)[1] for m in decided)
+    # the dense convs next to sparse ones (the stem, shortcuts that stayed dense) are timed in the kernels'
+    # layout too: each decision logged, the layers taken computing with all their weights
+    neighbours = [r.message for r in caplog.records if "next to sparse layers" in r.message]
+    assert neighbours
+    full = sum(isinstance(m, SparseConv2d) and m.density == 1 for m in fast.modules())
+    assert full == sum(m.endswith(": kernels") for m in neighbours)
     _check_equal(fast, module.net, 4)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch, caplog, faster):
+    """The stem (whose result reaches sparse `a`) and the 1x1 shortcut (input from the pooled stem, result
+    added before `c`) are timed with the transposes they need; the decision picks the module, the values
+    stay the dense model's, and save/load keep it."""
+    import er_lightning.export as export
+
+    torch.manual_seed(0)
+    net = _Mixed().eval()
+    with torch.no_grad():
+        for conv in (net.a, net.b, net.c, net.head):
+            conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    timed = []
+    real = export._faster_sparse
+
+    def decide(dense, sparse, x, **kw):  # noqa: ANN001, ANN202
+        if isinstance(sparse, SparseConv2d) and sparse.density == 1:
+            timed.append((tuple(sparse.weight_shape), export.is_batch_last(x) and x.shape[0] > 1))
+            torch.testing.assert_close(export.to_contiguous(dense(x)), export.to_contiguous(sparse(x)))
+            return (faster, 1.0, 2.0) if faster else (False, 1.0, 2.0)
+        return real(dense, sparse, x, **kw)
+
+    monkeypatch.setattr(export, "_faster_sparse", decide)
+    x = torch.randn(6, 3, 8, 8)
+    with caplog.at_level(logging.INFO, logger="er_lightning"):
+        fast = to_sparse(net, example_input=x)
+    # both read NCHW inputs (the model's, the pooled dense stem's); both results reach sparse convs
+    assert sorted(timed) == [((8, 3, 3, 3), False), ((8, 8, 1, 1), False)]
+    kinds = {n: type(m) for n, m in fast.named_modules() if n in ("stem", "short")}
+    want = SparseConv2d if faster else nn.Conv2d
+    assert kinds == {"stem": want, "short": want}
+    for batch in (1, 7, 32):
+        xb = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(xb), net(xb), rtol=1e-4, atol=1e-4)
 
 
 class _Mixed(nn.Module):

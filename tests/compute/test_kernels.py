@@ -391,3 +391,60 @@ def test_results_written_into_the_next_layers_padded_planes_are_read_in_place(ba
         planes[3, 0, 5, 0] = 1.0
         assert _packed_in_place(_lib(), ya, (1, 1, 1, 1), 11, 11) is None
         torch.testing.assert_close(conv2d_values(ya, vb, b.bias, ib, (1, 1, 1, 1)), ref, rtol=1e-5, atol=1e-5)
+
+
+DENSE_ROW_CASES = [
+    *CONV_CASES,
+    (
+        32,
+        5,
+        13,
+        9,
+        9,
+        (3, 3),
+        1,
+        1,
+        1,
+    ),  # two blocks of 6 rows and one row past them; 4 tiles of 64 and a tail
+    (32, 16, 12, 16, 16, (1, 1), 2, 0, 1),  # a ResNet shortcut: stride 2, 1x1, 256-float spans
+    (7, 3, 6, 32, 32, (3, 3), 1, 1, 1),  # a stem: spans of 224 floats
+]
+
+
+@pytest.mark.parametrize("case", DENSE_ROW_CASES, ids=[str(c) for c in DENSE_ROW_CASES])
+def test_layers_with_every_weight_active_take_the_row_blocked_kernel(case, monkeypatch):
+    """A full mask (every row the same offsets) computes with er_dense_rows: forward in both layouts, with the
+    fused residual and ReLU, and as a training layer (whose gradients take the sparse kernels)."""
+    from er_lightning.compute import functional
+
+    b, cin, cout, h, w, kernel, stride, padding, dilation = case
+    conv, _ = _masked_conv(cin, cout, kernel, stride, padding, dilation, 2.0)  # density 2: nothing masked
+    mask = torch.ones_like(conv.weight, dtype=torch.bool)
+    index = SparseIndex(mask, stride=conv.stride, dilation=conv.dilation)
+    assert index.dense_rows and not SparseIndex(conv.weight.abs() > 0.1, stride=conv.stride).dense_rows
+    lib, calls = functional._lib(), []
+    real = lib.er_dense_rows
+    monkeypatch.setattr(lib, "er_dense_rows", lambda *a: calls.append(a[:2]) or real(*a))
+    pad = conv_padding(conv.padding, conv.kernel_size, conv.dilation)
+    values = conv.weight.detach().reshape(-1)
+    x = torch.randn(b, cin, h, w, requires_grad=True)
+    with torch.no_grad():
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+        r = torch.randn_like(y)
+        for xin in (x.detach(), to_batch_last(x.detach())):
+            for batch_last in (True, False):
+                got = conv2d_values(xin, values, conv.bias, index, pad, batch_last)
+                torch.testing.assert_close(got, y, rtol=1e-5, atol=1e-5)
+            got = conv2d_values(
+                xin, values, conv.bias, index, pad, True, residual=to_batch_last(r), relu=True
+            )
+            torch.testing.assert_close(got, torch.relu(y + r), rtol=1e-5, atol=1e-5)
+    assert calls and all(c == (cout, cin * kernel[0] * kernel[1]) for c in calls)
+    out = sparse_conv2d(x, conv.weight, conv.bias, index, padding=conv.padding)
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(out, [x, conv.weight], g)
+    ref = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    rx, rw = torch.autograd.grad(ref, [x, conv.weight], g)
+    torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5 * float(rw.abs().max()))
