@@ -157,6 +157,27 @@ def test_to_sparse_with_an_example_input_times_every_candidate_layer(tmp_path, c
     _check_equal(fast, module.net, 4)
 
 
+def test_the_probe_keeps_each_sides_best_time_over_two_sweeps(monkeypatch):
+    """A burst of load that slows one side of a layer in one sweep does not decide it: two sweeps over all layers,
+    the second in reverse order, each side's best time."""
+    import er_lightning.export as export
+
+    seen = []
+    # (dense, sparse) times per call, in call order: sweep 1 is layers a, b; sweep 2 is b, a
+    times = iter([(1.0, 3.0), (2.0, 1.0), (2.0, 1.5), (1.5, 0.5)])
+
+    def fake(dense, sparse, x):  # noqa: ANN001, ANN202
+        seen.append(dense)
+        t_dense, t_sparse = next(times)
+        return t_sparse < t_dense, t_dense, t_sparse
+
+    monkeypatch.setattr(export, "_faster_sparse", fake)
+    got = export._probe([("a", None, None), ("b", None, None)])
+    assert seen == ["a", "b", "b", "a"]
+    # a: dense best 1.0 (sweep 1), sparse best 0.5 (sweep 2) -> sparse; b: dense 2.0, sparse 1.0 -> sparse
+    assert got == [(True, 1.0, 0.5), (True, 2.0, 1.0)]
+
+
 @pytest.mark.parametrize("faster", [True, False])
 def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch, caplog, faster):
     """The stem (whose result reaches sparse `a`) and the 1x1 shortcut (input from the pooled stem, result
@@ -176,7 +197,7 @@ def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch
         if isinstance(sparse, SparseConv2d) and sparse.density == 1:
             timed.append((tuple(sparse.weight_shape), export.is_batch_last(x) and x.shape[0] > 1))
             torch.testing.assert_close(export.to_contiguous(dense(x)), export.to_contiguous(sparse(x)))
-            return (faster, 1.0, 2.0) if faster else (False, 1.0, 2.0)
+            return (True, 2.0, 1.0) if faster else (False, 1.0, 2.0)
         return real(dense, sparse, x, **kw)
 
     monkeypatch.setattr(export, "_faster_sparse", decide)
@@ -184,7 +205,8 @@ def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch
     with caplog.at_level(logging.INFO, logger="er_lightning"):
         fast = to_sparse(net, example_input=x)
     # both read NCHW inputs (the model's, the pooled dense stem's); both results reach sparse convs
-    assert sorted(timed) == [((8, 3, 3, 3), False), ((8, 8, 1, 1), False)]
+    # each timed in both sweeps of the probe
+    assert sorted(timed) == [((8, 3, 3, 3), False)] * 2 + [((8, 8, 1, 1), False)] * 2
     kinds = {n: type(m) for n, m in fast.named_modules() if n in ("stem", "short")}
     want = SparseConv2d if faster else nn.Conv2d
     assert kinds == {"stem": want, "short": want}
