@@ -179,7 +179,7 @@ def test_the_probe_keeps_each_sides_best_time_over_two_sweeps(monkeypatch):
 
 
 @pytest.mark.parametrize("faster", [True, False])
-def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch, caplog, faster):
+def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch, caplog, tmp_path, faster):
     """The stem (whose result reaches sparse `a`) and the 1x1 shortcut (input from the pooled stem, result
     added before `c`) are timed with the transposes they need; the decision picks the module, the values
     stay the dense model's, and save/load keep it."""
@@ -210,10 +210,15 @@ def test_dense_convs_next_to_sparse_ones_follow_their_timed_decision(monkeypatch
     kinds = {n: type(m) for n, m in fast.named_modules() if n in ("stem", "short")}
     want = SparseConv2d if faster else nn.Conv2d
     assert kinds == {"stem": want, "short": want}
+    path = tmp_path / "m.pt"
+    save_sparse(fast, path)  # layers holding every weight save and load as any sparse layer
+    again = load_sparse(_Mixed(), path)
+    assert {n: type(m) for n, m in again.named_modules() if n in ("stem", "short")} == kinds
     for batch in (1, 7, 32):
         xb = torch.randn(batch, 3, 8, 8)
         with torch.no_grad():
             torch.testing.assert_close(fast(xb), net(xb), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(again(xb), net(xb), rtol=1e-4, atol=1e-4)
 
 
 class _Mixed(nn.Module):
