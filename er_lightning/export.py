@@ -344,18 +344,9 @@ def _plan_batch_last(model: nn.Module) -> int:
     def layout_free(n: fx.Node) -> bool:
         return _layout_free(n, modules, (BatchLastMaxPool2d,))
 
-    def reaches_sparse_conv(n: fx.Node, seen: set[fx.Node]) -> bool:
-        for user in n.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if is_sparse_conv(user) and user.args and user.args[0] is n:
-                return True
-            if layout_free(user) and reaches_sparse_conv(user, seen):
-                return True
-        return False
-
-    switched = [n for n in model.graph.nodes if is_sparse_conv(n) and reaches_sparse_conv(n, set())]
+    switched = [
+        n for n in model.graph.nodes if is_sparse_conv(n) and _reaches(n, is_sparse_conv, layout_free)
+    ]
     if not switched:
         return 0
     # values that may be batch-last: the switched convolutions and what layout-free operations make of them
@@ -383,6 +374,21 @@ def _plan_batch_last(model: nn.Module) -> int:
         modules[n.target].batch_last_out = True
     model.recompile()
     return len(switched)
+
+
+def _reaches(n, is_layer, free, seen: set | None = None) -> bool:  # noqa: ANN001
+    """Whether a chain of ``free`` (layout-free) users leads from the ``torch.fx`` node ``n`` to a node
+    ``is_layer`` accepts that reads the chain's value as its first argument."""
+    seen = set() if seen is None else seen
+    for user in n.users:
+        if user in seen:
+            continue
+        seen.add(user)
+        if is_layer(user) and user.args and user.args[0] is n:
+            return True
+        if free(user) and _reaches(user, is_layer, free, seen):
+            return True
+    return False
 
 
 def add_into(a: Tensor, b: Tensor) -> Tensor:
@@ -689,16 +695,6 @@ def _dense_neighbours(model: nn.Module, inputs: dict[str, Tensor]) -> list[tuple
     def free(n: fx.Node) -> bool:
         return _layout_free(n, modules, (nn.MaxPool2d,))
 
-    def reaches_sparse(n: fx.Node, seen: set[fx.Node]) -> bool:
-        for user in n.users:
-            if user not in seen:
-                seen.add(user)
-                if (is_sparse(user) and user.args and user.args[0] is n) or (
-                    free(user) and reaches_sparse(user, seen)
-                ):
-                    return True
-        return False
-
     def from_sparse(n: object, seen: set[fx.Node]) -> bool:
         if not isinstance(n, fx.Node) or n in seen:
             return False
@@ -715,7 +711,7 @@ def _dense_neighbours(model: nn.Module, inputs: dict[str, Tensor]) -> list[tuple
             or calls[n.target] != 1
         ):
             continue
-        bl_in, bl_out = bool(n.args) and from_sparse(n.args[0], set()), reaches_sparse(n, set())
+        bl_in, bl_out = bool(n.args) and from_sparse(n.args[0], set()), _reaches(n, is_sparse, free)
         if not (bl_in or bl_out):
             continue
         x = to_batch_last(inputs[n.target]) if bl_in else inputs[n.target]
@@ -772,7 +768,8 @@ def to_sparse(
         masks: optional FQN (``"layer1.0.conv1.weight"``) → bool mask; by default a layer's mask is its
             nonzero pattern.
         fold_batchnorm: fold each BatchNorm that follows a conv/linear layer into it (exact in eval mode).
-        max_density: layers denser than this stay dense (dense kernels win there).
+        max_density: layers denser than this stay dense (dense kernels win there), except the dense convs next
+            to sparse ones that the timing with ``example_input`` (below) puts on the kernels.
         example_input: a batch (or tuple of forward arguments) of the size you will run; when given, each
             candidate layer is timed dense against sparse on the input it sees and converted only where sparse
             is faster (logged), and so is each dense ``Conv2d`` next to a sparse one (a ResNet's stem and
